@@ -1,0 +1,36 @@
+# The README's two commands: `make demo` and `make test`. Everything else supports them.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo down test lint unit sim-image services clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+services:
+	scripts/install-services
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+test: $(STAMP) services lint
+	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+sim-image: $(STAMP) services
+	$(PY) -m sim.image $(SIM_IMAGE_ARGS)
+
+demo: $(STAMP) services
+	$(PY) -m demo up
+
+down: $(STAMP)
+	$(PY) -m demo down
+
+clean:
+	rm -rf $(VENV) .run .cache

@@ -1,0 +1,77 @@
+"""The agent's configuration (DESIGN.md: Configuration), loaded by common.config."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import socket
+from typing import Literal
+
+from common.config import DaemonConfig, host_port, port_number, positive, setting
+
+Engine = Literal["vllm", "ipex-llm", "openvino", "sim", "custom"]
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+_MEMORY = re.compile(r"^[0-9]+[bkmgBKMG]?$")
+
+
+def _name(value: str) -> str | None:
+    return None if _NAME.match(value) else "a name of letters, digits, '.', '_' or '-' (max 63)"
+
+
+def _memory(value: str) -> str | None:
+    return None if _MEMORY.match(value) else "a size such as 16g, 512m or 1073741824"
+
+
+def _gpus(value: list[int] | str) -> str | None:
+    if isinstance(value, list) and (any(i < 0 for i in value) or len(set(value)) != len(value)):
+        return "distinct inventory indexes >= 0, or \"auto\""
+    return None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class BackendConfig:
+    """One ``[[backend]]`` table: an engine container serving one model."""
+
+    name: str = setting(check=_name)
+    model: str = setting(check=lambda v: None if v.strip() else "a model id")
+    engine: Engine = setting()
+    port: int = setting(check=port_number)
+    gpus: list[int] | Literal["auto"] = setting("auto", check=_gpus)
+    gpu_count: int = setting(1, check=lambda v: None if v >= 0 else "an integer >= 0")
+    image: str | None = setting(None)
+    args: list[str] = setting([])
+    env: dict[str, str] = setting({})
+    memory_limit: str | None = setting(None, check=_memory)
+    health_path: str | None = setting(
+        None, check=lambda v: None if v.startswith("/") else "a path starting with /")
+    network: Literal["host", "bridge"] = setting("host")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class AgentConfig(DaemonConfig):
+    """The whole agent config file."""
+
+    node_name: str = setting("", check=lambda v: None if v == "" or _NAME.match(v)
+                             else "a node name of letters, digits, '.', '_' or '-'")
+    listen: str = setting("127.0.0.1:9410", check=host_port)
+    advertise_host: str = setting("127.0.0.1")
+    heartbeat_interval: float = setting(3.0, check=positive)
+    lease_ttl: int = setting(10, check=lambda v: None if v >= 2 else "an integer >= 2")
+    probe_interval: float = setting(2.0, check=positive)
+    docker_host: str | None = setting(None)
+    models_dir: str = setting("/var/lib/aivmm/models")
+    sysfs_root: str = setting("/sys")
+    offer_integrated: bool = setting(False)
+    backend: list[BackendConfig] = setting([])
+
+    def __post_init__(self) -> None:
+        if self.heartbeat_interval * 2 > self.lease_ttl:
+            raise ValueError("heartbeat_interval: a number at most lease_ttl / 2")
+        names = [b.name for b in self.backend]
+        if len(set(names)) != len(names):
+            raise ValueError("backend: unique backend names")
+        ports = [b.port for b in self.backend]
+        if len(set(ports)) != len(ports):
+            raise ValueError("backend: a distinct port per backend")
+        if not self.node_name:
+            object.__setattr__(self, "node_name", socket.gethostname().split(".")[0])

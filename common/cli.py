@@ -1,0 +1,51 @@
+"""Command-line plumbing shared by the daemons: common flags and the exit-2 config error."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from typing import TypeVar
+
+from common import config
+
+T = TypeVar("T")
+
+EXIT_CONFIG = 2
+
+
+def daemon_parser(prog: str, default_config: str, description: str) -> argparse.ArgumentParser:
+    """An argument parser with the flags every daemon takes (DESIGN.md: Commands)."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--config", metavar="PATH", default=None,
+                        help=f"TOML config file (default {default_config})")
+    parser.add_argument("--etcd", metavar="URL[,URL...]", help="etcd endpoints")
+    parser.add_argument("--listen", metavar="HOST:PORT", help="address to serve on")
+    parser.add_argument("--log-level", metavar="LEVEL",
+                        help="debug, info, warning or error (any case)")
+    parser.set_defaults(default_config=default_config)
+    return parser
+
+
+def load_or_exit(
+    cls: type[T],
+    args: argparse.Namespace,
+    *,
+    prog: str,
+    flags: Sequence[str] = ("etcd", "listen", "log_level"),
+    environ: Mapping[str, str] | None = None,
+) -> T:
+    """Load the daemon's config; on any error print one line and exit 2 (no traceback)."""
+    path = args.config or args.default_config
+    try:
+        return config.load(
+            cls,
+            path,
+            explicit=args.config is not None,
+            environ=os.environ if environ is None else environ,
+            flags={name: getattr(args, name, None) for name in flags},
+        )
+    except config.ConfigError as err:
+        print(f"{prog}: config error: {err}", file=sys.stderr)
+        raise SystemExit(EXIT_CONFIG) from None

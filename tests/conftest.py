@@ -1,0 +1,61 @@
+"""Session-wide real services and the checks every test gets."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+
+from tests.services import DockerEngine, EtcdServer
+
+
+@pytest.fixture(scope="session")
+def etcd_server() -> Iterator[EtcdServer]:
+    """One etcd for the session; tests keep apart by prefix. Do not stop it in a test."""
+    server = EtcdServer()
+    server.start()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def etcd_own() -> Iterator[EtcdServer]:
+    """An etcd of this test alone, for tests that stop, restart or compact it."""
+    server = EtcdServer()
+    server.start()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def prefix() -> str:
+    """A fresh etcd key prefix, so tests sharing one etcd never see each other's keys."""
+    return f"/aivmm-test/{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture(scope="session")
+def docker_engine() -> Iterator[DockerEngine]:
+    """A private Docker engine for the session (root only; see tests/services.py)."""
+    engine = DockerEngine()
+    engine.start()
+    yield engine
+    engine.close()
+
+
+@pytest.fixture(autouse=True)
+async def no_task_left_behind() -> AsyncIterator[None]:
+    """Fail a test that leaves an asyncio task running: a leaked loop is a bug (kopf's rule)."""
+    before = asyncio.all_tasks()
+    yield
+    # Give tasks cancelled in teardown one turn of the loop to finish.
+    await asyncio.sleep(0)
+    left = [t for t in asyncio.all_tasks() - before
+            if t is not asyncio.current_task() and not t.done()]
+    if left:
+        names = ", ".join(sorted(t.get_name() for t in left))
+        for task in left:
+            task.cancel()
+        await asyncio.gather(*left, return_exceptions=True)
+        pytest.fail(f"tasks left running after the test: {names}")
