@@ -235,7 +235,8 @@ def build(cls: type[T], values: Mapping[str, Any], source: str, prefix: str = ""
     for name, field in fields.items():
         key = f"{prefix}{name}"
         if name not in values:
-            if field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
+            no_factory = field.default_factory is dataclasses.MISSING
+            if field.default is dataclasses.MISSING and no_factory:
                 raise ConfigError(source, key, f"{_describe(hints[name])} (missing)")
             continue
         value = _convert(hints[name], values[name], source, key)
