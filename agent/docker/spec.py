@@ -1,0 +1,140 @@
+"""The container a backend runs in, as plain data: image, command, env, labels, devices.
+
+Pure: built from the config, the GPUs placement gave the backend and the engine profile. The
+config hash covers every field that defines the container, so a changed config means a new
+hash and a recreated container, and an agent restart with the same config adopts the old one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
+
+import orjson
+
+from agent.config import BackendConfig
+from agent.engines import resolve
+from common.records import GpuRecord, Vendor
+
+LABEL_MANAGED = "aivmm.managed"
+LABEL_NODE = "aivmm.node"
+LABEL_BACKEND = "aivmm.backend"
+LABEL_HASH = "aivmm.config-hash"
+MODELS_MOUNT = "/models"
+_RENDER = re.compile(r"^(?P<dir>.*/)renderD(?P<minor>\d+)$")
+
+
+@dataclass(frozen=True, slots=True)
+class ContainerSpec:
+    """Everything the Docker adapter needs to create one backend's container."""
+
+    name: str  # the container name
+    backend: str
+    node: str
+    model: str
+    engine: str
+    image: str
+    entrypoint: list[str] | None
+    command: list[str]
+    env: dict[str, str]
+    network: str  # "host" or "bridge"
+    port: int
+    # Bridge only: the published container port -> (host address, host port).
+    ports: dict[str, tuple[str, int]]
+    vendor: Vendor | None
+    gpu_uuids: list[str]
+    nvidia_device_ids: list[str]  # a device request for these, when not empty
+    devices: list[str]  # "/dev/x:/dev/x:rwm"
+    group_add: list[str]
+    volumes: dict[str, dict[str, str]]
+    mem_limit: str | None
+    security_opt: list[str]
+    health_path: str
+    url: str
+    labels: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def config_hash(self) -> str:
+        return self.labels[LABEL_HASH]
+
+
+def container_name(node: str, backend: str) -> str:
+    return f"aivmm-{node}-{backend}"
+
+
+def card_node(render_node: str) -> str | None:
+    """The primary node of a render node: DRM numbers renderD(128+n) and cardn as one device."""
+    m = _RENDER.match(render_node)
+    if not m:
+        return None
+    return f"{m['dir']}card{int(m['minor']) - 128}"
+
+
+def _gpu_access(vendor: Vendor | None, gpus: Sequence[GpuRecord],
+                node_gpus: Sequence[GpuRecord]) -> tuple[list[str], list[str], list[str],
+                                                        dict[str, str]]:
+    """(nvidia device ids, device nodes, groups, env) for the GPUs, by vendor (DESIGN.md)."""
+    if not gpus:
+        return [], [], [], {}
+    renders = [g.render_node for g in gpus if g.render_node]
+    if vendor == "nvidia":
+        uuids = [g.uuid for g in gpus]
+        return uuids, [], [], {"NVIDIA_VISIBLE_DEVICES": ",".join(uuids)}
+    # Inside the container only the mapped GPUs enumerate, numbered from 0 in this order.
+    local = ",".join(str(i) for i in range(len(gpus)))
+    if vendor == "amd":
+        devices = ["/dev/kfd", *renders]
+        return [], [f"{d}:{d}:rwm" for d in devices], ["video", "render"], \
+            {"HIP_VISIBLE_DEVICES": local}
+    cards = [c for c in (card_node(r) for r in renders) if c]
+    devices = [*renders, *cards]
+    env = {}
+    if sum(1 for g in node_gpus if g.vendor == "intel") > 1:
+        env["ZE_AFFINITY_MASK"] = local
+    return [], [f"{d}:{d}:rwm" for d in devices], [], env
+
+
+def build_spec(node: str, backend: BackendConfig, gpus: Sequence[GpuRecord],
+               vendor: Vendor | None, *, models_dir: str, advertise_host: str,
+               node_gpus: Sequence[GpuRecord] = ()) -> ContainerSpec:
+    """The container for ``backend`` with ``gpus``; raises EngineError when it cannot run."""
+    host_net = backend.network == "host"
+    # With host networking the engine binds the advertised address itself; on a bridge it
+    # binds everything inside its namespace and Docker publishes the port on that address.
+    bind_host = advertise_host if host_net else "0.0.0.0"
+    launch = resolve(backend, vendor, bind_host)
+    nvidia_ids, devices, groups, gpu_env = _gpu_access(vendor, gpus, node_gpus)
+    spec = ContainerSpec(
+        name=container_name(node, backend.name),
+        backend=backend.name,
+        node=node,
+        model=backend.model,
+        engine=backend.engine,
+        image=launch.image,
+        entrypoint=launch.entrypoint,
+        command=launch.command,
+        env={**gpu_env, **launch.env},
+        network="host" if host_net else "bridge",
+        port=backend.port,
+        ports={} if host_net else {f"{backend.port}/tcp": (advertise_host, backend.port)},
+        vendor=vendor,
+        gpu_uuids=[g.uuid for g in gpus],
+        nvidia_device_ids=nvidia_ids,
+        devices=devices,
+        group_add=groups,
+        volumes={models_dir: {"bind": MODELS_MOUNT, "mode": "ro"}},
+        mem_limit=backend.memory_limit,
+        security_opt=["no-new-privileges"],
+        health_path=launch.health_path,
+        url=f"http://{_url_host(advertise_host)}:{backend.port}",
+    )
+    digest = hashlib.sha256(orjson.dumps(asdict(spec), option=orjson.OPT_SORT_KEYS))
+    labels = {LABEL_MANAGED: "true", LABEL_NODE: node, LABEL_BACKEND: backend.name,
+              LABEL_HASH: digest.hexdigest()[:16]}
+    return replace(spec, labels=labels)
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host

@@ -1,0 +1,82 @@
+"""Container specs: labels, GPU mapping by vendor, hardening, config hash."""
+
+from __future__ import annotations
+
+from agent.config import BackendConfig
+from agent.docker.spec import LABEL_HASH, ContainerSpec, build_spec, card_node
+from tests.test_placement import gpu
+
+
+def spec(engine: str = "vllm", gpus: tuple = (), vendor: str | None = "nvidia",
+         node_gpus: tuple = (), **kw: object) -> ContainerSpec:
+    kw.setdefault("port", 8001)
+    b = BackendConfig(name="llm", model="meta/llama", engine=engine, **kw)  # type: ignore[arg-type]
+    return build_spec("n1", b, list(gpus), vendor, models_dir="/srv/models",  # type: ignore[arg-type]
+                      advertise_host="10.0.0.5", node_gpus=list(node_gpus))
+
+
+def test_labels_name_the_node_backend_and_config_hash() -> None:
+    s = spec(gpus=(gpu(0),))
+    assert s.labels["aivmm.managed"] == "true"
+    assert s.labels["aivmm.node"] == "n1"
+    assert s.labels["aivmm.backend"] == "llm"
+    assert len(s.labels[LABEL_HASH]) == 16
+    assert s.name == "aivmm-n1-llm"
+    assert s.url == "http://10.0.0.5:8001"
+
+
+def test_every_container_is_hardened_and_mounts_models_read_only() -> None:
+    s = spec(gpus=(gpu(0),), memory_limit="16g")
+    assert s.security_opt == ["no-new-privileges"]
+    assert s.volumes == {"/srv/models": {"bind": "/models", "mode": "ro"}}
+    assert s.mem_limit == "16g"
+    assert s.network == "host" and s.ports == {}
+
+
+def test_nvidia_gets_a_device_request_for_the_uuids() -> None:
+    s = spec(gpus=(gpu(0), gpu(1)))
+    assert s.nvidia_device_ids == ["GPU-nvidia-0", "GPU-nvidia-1"]
+    assert s.env["NVIDIA_VISIBLE_DEVICES"] == "GPU-nvidia-0,GPU-nvidia-1"
+    assert s.devices == [] and s.group_add == []
+
+
+def test_amd_gets_kfd_its_render_nodes_and_video_render_groups() -> None:
+    s = spec(gpus=(gpu(2, "amd"),), vendor="amd")
+    assert s.devices == ["/dev/kfd:/dev/kfd:rwm", "/dev/dri/renderD130:/dev/dri/renderD130:rwm"]
+    assert s.group_add == ["video", "render"]
+    assert s.env["HIP_VISIBLE_DEVICES"] == "0"
+    assert s.nvidia_device_ids == []
+
+
+def test_intel_gets_render_and_card_nodes_and_an_affinity_mask_on_multi_gpu_nodes() -> None:
+    g1, g2 = gpu(1, "intel"), gpu(2, "intel")
+    alone = spec("ipex-llm", (g1,), "intel", node_gpus=(g1,))
+    assert alone.devices == ["/dev/dri/renderD129:/dev/dri/renderD129:rwm",
+                             "/dev/dri/card1:/dev/dri/card1:rwm"]
+    assert "ZE_AFFINITY_MASK" not in alone.env
+    shared = spec("ipex-llm", (g2,), "intel", node_gpus=(g1, g2))
+    assert shared.env["ZE_AFFINITY_MASK"] == "0"
+    assert card_node("/dev/dri/renderD128") == "/dev/dri/card0"
+
+
+def test_bridge_network_publishes_the_port_on_the_advertised_address() -> None:
+    s = spec("sim", vendor=None, network="bridge")
+    assert s.network == "bridge"
+    assert s.ports == {"8001/tcp": ("10.0.0.5", 8001)}
+    assert "0.0.0.0" in s.command
+
+
+def test_sim_runs_without_gpus_on_its_own_port() -> None:
+    s = spec("sim", vendor=None)
+    assert s.image == "aivmm-sim:latest"
+    assert s.command == ["--host", "10.0.0.5", "--port", "8001", "--model", "meta/llama"]
+    assert s.devices == [] and s.nvidia_device_ids == [] and s.gpu_uuids == []
+
+
+def test_config_hash_is_stable_and_changes_with_anything_that_defines_the_container() -> None:
+    base = spec("sim", vendor=None).config_hash
+    assert spec("sim", vendor=None).config_hash == base
+    for change in ({"args": ["--x"]}, {"env": {"A": "1"}}, {"memory_limit": "1g"},
+                   {"image": "other"}, {"port": 9000}):
+        assert spec("sim", vendor=None, **change).config_hash != base, change
+    assert spec(gpus=(gpu(0),)).config_hash != spec(gpus=(gpu(1),)).config_hash
