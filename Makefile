@@ -27,10 +27,10 @@ sim-image: $(STAMP) services
 	$(PY) -m sim.image $(SIM_IMAGE_ARGS)
 
 demo: $(STAMP) services
-	$(PY) -m demo up
+	$(PY) -m scripts.demo up
 
 down: $(STAMP)
-	$(PY) -m demo down
+	$(PY) -m scripts.demo down
 
 clean:
 	rm -rf $(VENV) .run .cache

@@ -1,4 +1,4 @@
-"""Real services for the tests: an etcd server and a Docker engine, on loopback only.
+"""Real services for the tests and the demo: an etcd server and a Docker engine, on loopback only.
 
 Each is started as a child process in its own session (so the test holds the real pid and
 can SIGKILL or SIGSTOP it), on a free 127.0.0.1 port or a private unix socket, with
@@ -48,6 +48,26 @@ def wait_until(predicate: Callable[[], object], timeout: float, what: str,
         time.sleep(interval)
 
 
+def etcd_answers(url: str) -> bool:
+    """True when the etcd at ``url`` reports itself healthy."""
+    with urllib.request.urlopen(url + "/health", timeout=1) as resp:
+        return b'"true"' in resp.read()
+
+
+def docker_answers(socket_path: str) -> bool:
+    """True when a Docker engine answers ``/_ping`` on the unix socket."""
+    sock = socket.socket(socket.AF_UNIX)
+    try:
+        sock.settimeout(2)
+        sock.connect(socket_path)
+        sock.sendall(b"GET /_ping HTTP/1.0\r\n\r\n")
+        return sock.recv(64).split(b" ", 2)[1:2] == [b"200"]
+    except OSError:
+        return False
+    finally:
+        sock.close()
+
+
 def _need(binary: str, package: str) -> str:
     path = shutil.which(binary) or (f"/usr/sbin/{binary}" if os.path.exists(
         f"/usr/sbin/{binary}") else None)
@@ -61,11 +81,13 @@ def _need(binary: str, package: str) -> str:
 class EtcdServer:
     """One etcd member on 127.0.0.1 with its own data dir; restartable on the same port."""
 
-    def __init__(self, workdir: Path | None = None) -> None:
+    def __init__(self, workdir: Path | None = None, port: int | None = None,
+                 peer_port: int | None = None) -> None:
         self.binary = _need("etcd", "etcd-server")
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="aivmm-etcd-"))
-        self.port = free_port()
-        self.peer_port = free_port()
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.port = port or free_port()
+        self.peer_port = peer_port or free_port()
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -91,8 +113,7 @@ class EtcdServer:
     def healthy(self) -> bool:
         if self.proc is None or self.proc.poll() is not None:
             raise ServiceError(f"etcd exited; see {self.workdir / 'etcd.log'}")
-        with urllib.request.urlopen(self.url + "/health", timeout=1) as resp:
-            return b'"true"' in resp.read()
+        return etcd_answers(self.url)
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> None:
         if self.proc is None:
@@ -124,6 +145,7 @@ class DockerEngine:
             raise ServiceError("the Docker engine for the tests must be started as root")
         # Unix socket paths are limited to 107 bytes: keep the root short.
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="aivmm-dk-", dir="/tmp"))
+        self.workdir.mkdir(parents=True, exist_ok=True)
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -150,14 +172,7 @@ class DockerEngine:
     def healthy(self) -> bool:
         if self.proc is None or self.proc.poll() is not None:
             raise ServiceError(f"dockerd exited; see {self.workdir / 'dockerd.log'}")
-        sock = socket.socket(socket.AF_UNIX)
-        try:
-            sock.settimeout(2)
-            sock.connect(str(self.workdir / "docker.sock"))
-            sock.sendall(b"GET /_ping HTTP/1.0\r\n\r\n")
-            return sock.recv(64).split(b" ", 2)[1:2] == [b"200"]
-        finally:
-            sock.close()
+        return docker_answers(str(self.workdir / "docker.sock"))
 
     def stop(self, timeout: float = 30.0) -> None:
         if self.proc is None:
