@@ -21,7 +21,8 @@ def split_listen(listen: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-async def serve(app: web.Application, listen: str, *, reuse_port: bool = False) -> int:
+async def serve(app: web.Application, listen: str, *, reuse_port: bool = False,
+                handler_cancellation: bool = False) -> int:
     """Serve ``app`` on ``listen`` until SIGTERM/SIGINT (exit 0) or a task ends (exit 1).
 
     The app's ``cleanup_ctx`` spawn their loops into ``app[GUARD]`` and undo their work on
@@ -34,7 +35,8 @@ async def serve(app: web.Application, listen: str, *, reuse_port: bool = False) 
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    runner = web.AppRunner(app, handle_signals=False, access_log=None)
+    runner = web.AppRunner(app, handle_signals=False, access_log=None,
+                           handler_cancellation=handler_cancellation)
     try:
         await runner.setup()
         host, port = split_listen(listen)
