@@ -7,13 +7,24 @@ import dataclasses
 from common.config import DaemonConfig, host_port, positive, setting
 
 
+def _keys(value: list[str]) -> str | None:
+    for key in value:
+        if not key:
+            return "non-empty keys"
+        if key.startswith("sha256:"):
+            hexpart = key[len("sha256:"):]
+            if len(hexpart) != 64 or any(c not in "0123456789abcdefABCDEF" for c in hexpart):
+                return "keys, where a hashed one is 'sha256:' and 64 hex digits"
+    return None
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class SchedulerConfig(DaemonConfig):
     """The whole scheduler config file."""
 
     listen: str = setting("0.0.0.0:8080", check=host_port)
     # Plain keys or "sha256:<hex>" digests; none at all means no authentication.
-    api_keys: list[str] = setting([])
+    api_keys: list[str] = setting([], check=_keys)
     api_keys_file: str | None = setting(None)
     max_body_bytes: int = setting(16 * 1024 * 1024, check=positive)
     request_timeout: float = setting(600.0, check=positive)
@@ -24,3 +35,21 @@ class SchedulerConfig(DaemonConfig):
     max_attempts: int = setting(3, check=lambda v: None if v >= 1 else "an integer >= 1")
     retry_budget_ratio: float = setting(
         0.2, check=lambda v: None if 0 <= v <= 1 else "a ratio 0..1")
+    # Outlier ejection: consecutive failures before a backend is set aside, and for how long.
+    eject_failures: int = setting(5, check=lambda v: None if v >= 1 else "an integer >= 1")
+    eject_base_seconds: float = setting(5.0, check=positive)
+    eject_max_seconds: float = setting(60.0, check=positive)
+    # Requests in flight per backend before it counts as busy; 0 = no limit.
+    max_inflight_per_backend: int = setting(
+        0, check=lambda v: None if v >= 0 else "an integer >= 0")
+
+    def __post_init__(self) -> None:
+        if self.api_keys_file is not None:
+            try:
+                with open(self.api_keys_file, encoding="utf-8") as fh:
+                    lines = [ln.strip() for ln in fh]
+            except OSError as err:
+                raise ValueError(f"api_keys_file: a readable file ({err.strerror})") from None
+            problem = _keys([ln for ln in lines if ln and not ln.startswith("#")])
+            if problem:
+                raise ValueError(f"api_keys_file: a file of {problem}")

@@ -1,0 +1,191 @@
+"""The scheduler's aiohttp application: OpenAI routes, health, metrics, status page.
+
+State lives in AppKeys; the etcd watch runs in a cleanup_ctx as a guarded eternal task.
+"""
+
+from __future__ import annotations
+
+import html
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from common.keys import Keys
+from common.metrics import REGISTRY, handle_metrics
+from common.store import EtcdStore
+from common.tasks import GUARD, Guard
+from scheduler.auth import Authenticator, read_keys_file
+from scheduler.budget import RetryBudget
+from scheduler.config import SchedulerConfig
+from scheduler.errors import error_response
+from scheduler.metrics import SchedulerMetrics
+from scheduler.proxy import Proxy, ProxySettings, parse_request
+from scheduler.registry import Registry
+from scheduler.routing import Router
+
+CONFIG: web.AppKey[SchedulerConfig] = web.AppKey("config", SchedulerConfig)
+ROUTER: web.AppKey[Router] = web.AppKey("router", Router)
+PROXY: web.AppKey[Proxy] = web.AppKey("proxy", Proxy)
+REGISTRY_VIEW: web.AppKey[Registry] = web.AppKey("registry", Registry)
+AUTH: web.AppKey[Authenticator] = web.AppKey("auth", Authenticator)
+METRICS: web.AppKey[SchedulerMetrics] = web.AppKey("metrics", SchedulerMetrics)
+STORE: web.AppKey[Any] = web.AppKey("store", object)
+
+OPENAI_POST_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
+
+
+def _unauthorized() -> web.Response:
+    return error_response(401, "Incorrect API key provided", "invalid_api_key",
+                          headers={"WWW-Authenticate": "Bearer"})
+
+
+def etcd_connected(app: web.Application) -> bool:
+    """Whether the store says etcd answers; a store that cannot say counts as synced."""
+    store = app.get(STORE)
+    connected = getattr(store, "connected", None)
+    if connected is None:
+        return app[REGISTRY_VIEW].synced
+    return bool(connected() if callable(connected) else connected)
+
+
+async def handle_openai(request: web.Request) -> web.StreamResponse:
+    """POST /v1/...: check key, size and body, then forward to a backend of the model."""
+    app = request.app
+    if not app[AUTH].allows(request.headers.get("Authorization")):
+        return _unauthorized()
+    limit = app[CONFIG].max_body_bytes
+    if request.content_length is not None and request.content_length > limit:
+        return error_response(413, f"request body over {limit} bytes", "body_too_large")
+    try:
+        body = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        return error_response(413, f"request body over {limit} bytes", "body_too_large")
+    model, why = parse_request(body)
+    if model is None:
+        return error_response(400, why or "bad request", "invalid_request",
+                              param="model" if why and "model" in why else None)
+    if not app[ROUTER].known(model):
+        return error_response(404, f"The model '{model}' does not exist", "model_not_found",
+                              param="model")
+    return await app[PROXY].forward(request, body, model)
+
+
+async def handle_models(request: web.Request) -> web.Response:
+    """GET /v1/models in OpenAI's list shape, from the ready backends."""
+    if not request.app[AUTH].allows(request.headers.get("Authorization")):
+        return _unauthorized()
+    data = [{"id": m, "object": "model", "created": 0, "owned_by": "aivmm"}
+            for m in request.app[ROUTER].models()]
+    return web.Response(body=orjson.dumps({"object": "list", "data": data}),
+                        content_type="application/json")
+
+
+async def handle_healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def handle_readyz(request: web.Request) -> web.Response:
+    """Ready once the table was loaded; a lost etcd is reported but does not stop routing."""
+    app = request.app
+    synced = app[REGISTRY_VIEW].synced
+    connected = etcd_connected(app)
+    body = {"ready": synced, "etcd": "connected" if connected else "disconnected",
+            "stale": not connected, "backends": app[ROUTER].counts(time.monotonic()),
+            "revision": app[REGISTRY_VIEW].revision}
+    return web.json_response(body, status=200 if synced else 503)
+
+
+async def handle_metrics_fresh(request: web.Request) -> web.Response:
+    """GET /metrics, with the gauges that describe the table brought up to date first."""
+    app = request.app
+    m = app[METRICS]
+    for state, n in app[ROUTER].counts(time.monotonic()).items():
+        m.backends.labels(state).set(n)
+    m.etcd_connected.set(1 if etcd_connected(app) else 0)
+    return await handle_metrics(request)
+
+
+async def handle_status(request: web.Request) -> web.Response:
+    """GET /: a plain table of the backends as this replica sees them."""
+    app = request.app
+    if not app[AUTH].allows(request.headers.get("Authorization")):
+        return _unauthorized()
+    now = time.monotonic()
+    rows = []
+    for b in sorted(app[ROUTER].backends.values(), key=lambda x: x.key):
+        state = ("ejected" if b.ejection.ejected(now) else "ready") if b.ready else "not ready"
+        rows.append("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in (
+            b.key, ", ".join(b.models), b.url, state, f"{b.latency(now) * 1000:.1f}",
+            b.inflight, b.waiting)) + "</tr>")
+    etcd = "connected" if etcd_connected(app) else "disconnected (routing on last view)"
+    page = (
+        "<!doctype html><title>aivmm scheduler</title><h1>aivmm scheduler</h1>"
+        f"<p>etcd: {etcd}</p><table border=1><tr><th>backend</th><th>models</th><th>url</th>"
+        "<th>state</th><th>latency ms</th><th>in flight</th><th>engine queue</th></tr>"
+        + "".join(rows) + "</table>")
+    return web.Response(text=page, content_type="text/html")
+
+
+async def _proxy_ctx(app: web.Application) -> AsyncIterator[None]:
+    await app[PROXY].open()
+    yield
+    await app[PROXY].close()
+
+
+async def _watch_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Follow etcd in a guarded task; owns the store only when build_app made it."""
+    owned = app.get(STORE) is None
+    if owned:
+        config = app[CONFIG]
+        app[STORE] = EtcdStore(config.etcd)
+        await app[STORE].connect()
+    app[GUARD].spawn("backend-watch", app[REGISTRY_VIEW].run(app[STORE]))
+    yield
+    await app[GUARD].cancel("backend-watch")
+    if owned:
+        await app[STORE].close()
+
+
+def build_app(config: SchedulerConfig, store: Any = None, *,
+              router: Router | None = None) -> web.Application:
+    """The scheduler application; ``store`` (an EtcdStore) is made from config when None."""
+    app = web.Application(client_max_size=config.max_body_bytes)
+    keys = list(config.api_keys)
+    if config.api_keys_file:
+        keys += read_keys_file(config.api_keys_file)
+    metrics = SchedulerMetrics()
+    router = router or Router(
+        eject_threshold=config.eject_failures, eject_base_s=config.eject_base_seconds,
+        eject_max_s=config.eject_max_seconds, max_inflight=config.max_inflight_per_backend)
+    proxy = Proxy(router, RetryBudget(ratio=config.retry_budget_ratio), metrics, ProxySettings(
+        connect_timeout=config.connect_timeout, first_byte_timeout=config.first_byte_timeout,
+        stream_idle_timeout=config.stream_idle_timeout, request_timeout=config.request_timeout,
+        queue_timeout=config.queue_timeout, max_attempts=config.max_attempts,
+        strip_authorization=bool(keys)))
+    registry = Registry(router, Keys(config.etcd_prefix), on_change=proxy.notify,
+                        on_bad_record=metrics.bad_records.inc,
+                        on_reset=metrics.etcd_resyncs.inc)
+    app[CONFIG] = config
+    app[ROUTER] = router
+    app[PROXY] = proxy
+    app[REGISTRY_VIEW] = registry
+    app[AUTH] = Authenticator(keys)
+    app[METRICS] = metrics
+    app[REGISTRY] = metrics.registry
+    if GUARD not in app:
+        app[GUARD] = Guard()
+    if store is not None:
+        app[STORE] = store
+    for path in OPENAI_POST_PATHS:
+        app.router.add_post(path, handle_openai)
+    app.router.add_get("/v1/models", handle_models)
+    app.router.add_get("/healthz", handle_healthz)
+    app.router.add_get("/readyz", handle_readyz)
+    app.router.add_get("/metrics", handle_metrics_fresh)
+    app.router.add_get("/", handle_status)
+    app.cleanup_ctx.append(_proxy_ctx)
+    app.cleanup_ctx.append(_watch_ctx)
+    return app

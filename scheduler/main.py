@@ -1,0 +1,30 @@
+"""``aivmm-scheduler``: load the config, serve the OpenAI endpoint until told to stop."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+from common import logs
+from common.cli import daemon_parser, load_or_exit
+from common.daemon import serve
+from scheduler.app import build_app
+from scheduler.config import SchedulerConfig
+
+PROG = "aivmm-scheduler"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the console script; returns the exit status."""
+    parser = daemon_parser(PROG, "/etc/aivmm/scheduler.toml",
+                           "One OpenAI-compatible endpoint in front of the aivmm backends.")
+    args = parser.parse_args(argv)
+    config = load_or_exit(SchedulerConfig, args, prog=PROG)
+    logs.setup(config.log_level, config.log_format)
+    app = build_app(config)
+    # A client that disconnects must stop its upstream request at once.
+    return asyncio.run(serve(app, config.listen, handler_cancellation=True))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

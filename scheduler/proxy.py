@@ -1,0 +1,306 @@
+"""Forwarding one OpenAI request to a backend: choice, failover, streaming, accounting.
+
+The body is read once, only its ``model`` is looked at, and the raw bytes go upstream
+unchanged. Nothing reaches the client until the backend's first body chunk has arrived, so
+every failure before that point (refused or reset connection, timeout, 502/503/504) can be
+retried on another backend, within ``max_attempts`` and the retry budget. Once bytes have
+been sent nothing is retried: a broken SSE stream ends with an OpenAI error event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+from scheduler.budget import RetryBudget
+from scheduler.errors import error_response, sse_error_event
+from scheduler.metrics import SchedulerMetrics
+from scheduler.routing import Backend, Router
+
+log = logging.getLogger(__name__)
+
+RETRY_STATUSES = frozenset({502, 503, 504})
+HOP_BY_HOP = frozenset({
+    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
+    "trailers", "transfer-encoding", "upgrade", "proxy-connection",
+})
+# Request headers the proxy sets itself or that only concern the client's hop.
+_DROP_REQUEST = HOP_BY_HOP | {"host", "content-length"}
+BACKEND_HEADER = "x-aivmm-backend"
+
+
+@dataclass(frozen=True, slots=True)
+class ProxySettings:
+    """The knobs of forwarding, from SchedulerConfig."""
+
+    connect_timeout: float = 3.0
+    first_byte_timeout: float = 120.0
+    stream_idle_timeout: float = 60.0
+    request_timeout: float = 600.0
+    queue_timeout: float = 5.0
+    max_attempts: int = 3
+    strip_authorization: bool = False
+
+
+class _Failed(Exception):
+    """An attempt that failed before any byte reached the client; may be retried."""
+
+    def __init__(self, reason: str, refused: bool = False, timeout: bool = False) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.refused = refused
+        self.timeout = timeout
+
+
+def _drop_set(headers: Mapping[str, str], base: frozenset[str]) -> frozenset[str]:
+    # Headers named in Connection are hop-by-hop too (RFC 9110 7.6.1).
+    conn = headers.get("Connection")
+    if not conn:
+        return base
+    return base | frozenset(h.strip().lower() for h in conn.split(","))
+
+
+class Proxy:
+    """Owns the upstream session and forwards requests; one per application."""
+
+    def __init__(self, router: Router, budget: RetryBudget, metrics: SchedulerMetrics,
+                 settings: ProxySettings, clock: Callable[[], float] = time.monotonic) -> None:
+        self.router = router
+        self.budget = budget
+        self.metrics = metrics
+        self.settings = settings
+        self.clock = clock
+        self.session: aiohttp.ClientSession | None = None
+        self._changed = asyncio.Event()
+        self._request_drop = _DROP_REQUEST | (frozenset({"authorization"})
+                                              if settings.strip_authorization else frozenset())
+        # prometheus label lookups take a lock and build tuples; cache the children.
+        self._req_children: dict[tuple[str, str, int], object] = {}
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=30)
+        self.session = aiohttp.ClientSession(
+            connector=connector, auto_decompress=False, skip_auto_headers=("User-Agent",),
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.settings.connect_timeout),
+            read_bufsize=2 ** 16)
+
+    async def close(self) -> None:
+        if self.session is not None:
+            await self.session.close()
+            self.session = None
+
+    def notify(self) -> None:
+        """The table changed: wake every request queued for a backend."""
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    # -- accounting --------------------------------------------------------------------------
+
+    def _count(self, model: str, backend: str, status: int) -> None:
+        key = (model, backend, status)
+        child = self._req_children.get(key)
+        if child is None:
+            child = self.metrics.requests.labels(model, backend, str(status))
+            self._req_children[key] = child
+        child.inc()  # type: ignore[attr-defined]
+
+    def _fail(self, b: Backend, model: str, err: _Failed, now: float) -> None:
+        self.metrics.failovers.labels(model, b.key, err.reason).inc()
+        self._failure(b, now, err.reason, refused=err.refused)
+
+    def _failure(self, b: Backend, now: float, reason: str, refused: bool = False) -> None:
+        if b.ejection.failure(now, refused=refused):
+            self.metrics.ejections.labels(b.key).inc()
+            log.warning("backend ejected", extra={
+                "backend": b.key, "reason": reason, "for_s": b.ejection.backoff_s})
+
+    # -- the request -------------------------------------------------------------------------
+
+    async def _wait_for_backend(self, model: str, deadline: float) -> Backend | None:
+        """Queue until a usable backend appears or the deadline passes."""
+        self.metrics.queued.inc()
+        try:
+            while True:
+                now = self.clock()
+                b = self.router.choose(model, now)
+                if b is not None:
+                    return b
+                remaining = deadline - now
+                if remaining <= 0:
+                    return None
+                nxt = self.router.next_change(model, now)
+                wait = remaining if nxt is None else min(remaining, max(nxt - now, 0.001))
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._changed.wait(), wait)
+        finally:
+            self.metrics.queued.dec()
+
+    async def forward(self, request: web.Request, body: bytes, model: str) -> web.StreamResponse:
+        """Send ``body`` to a backend of ``model`` and stream its answer back."""
+        s = self.settings
+        start = self.clock()
+        self.budget.request(start)
+        self.metrics.inflight.inc()
+        status = 0
+        backend_key = ""
+        try:
+            b = self.router.choose(model, start)
+            if b is None:
+                b = await self._wait_for_backend(model, start + s.queue_timeout)
+                if b is None:
+                    status = 503
+                    return error_response(
+                        503, f"no ready backend for model '{model}'", "no_backend",
+                        headers={"Retry-After": "1"})
+            drop = _drop_set(request.headers, self._request_drop)
+            headers = [(k, v) for k, v in request.headers.items() if k.lower() not in drop]
+            url_path = request.raw_path
+            tried: list[Backend] = []
+            last: _Failed | None = None
+            while True:
+                tried.append(b)
+                backend_key = b.key
+                try:
+                    resp = await self._attempt(request, b, model, url_path, headers, body,
+                                               is_last=len(tried) >= s.max_attempts)
+                    status = resp.status
+                    return resp
+                except _Failed as err:
+                    last = err
+                    now = self.clock()
+                    self._fail(b, model, err, now)
+                    log.info("attempt failed", extra={
+                        "backend": b.key, "model": model, "reason": err.reason})
+                    nxt = None
+                    if len(tried) < s.max_attempts:
+                        nxt = self.router.choose(model, now, exclude=tried)
+                    if nxt is None:
+                        break
+                    if not self.budget.try_retry(now):
+                        self.metrics.budget_refusals.labels(model).inc()
+                        break
+                    b = nxt
+            status = 504 if last is not None and last.timeout else 502
+            return error_response(status, f"backend {backend_key} failed: {last}",
+                                  "upstream_failed",
+                                  headers={BACKEND_HEADER: backend_key})
+        except asyncio.CancelledError:
+            status = 499  # the client went away; nginx's code for it
+            raise
+        finally:
+            self.metrics.inflight.dec()
+            self._count(model, backend_key, status)
+            self.metrics.duration.labels(model).observe(self.clock() - start)
+
+    async def _attempt(self, request: web.Request, b: Backend, model: str, path: str,
+                       headers: list[tuple[str, str]], body: bytes, *,
+                       is_last: bool) -> web.StreamResponse:
+        s = self.settings
+        assert self.session is not None
+        b.inflight += 1
+        up: aiohttp.ClientResponse | None = None
+        finished = False
+        try:
+            sent = self.clock()
+            try:
+                async with asyncio.timeout(s.first_byte_timeout):
+                    up = await self.session.post(b.url + path, data=body, headers=headers,
+                                                 allow_redirects=False)
+                    first = await up.content.readany()
+            except aiohttp.ClientConnectorError as err:
+                raise _Failed("connect", refused=True) from err
+            except TimeoutError as err:
+                raise _Failed("timeout", timeout=True) from err
+            except (aiohttp.ClientError, ConnectionError, OSError) as err:
+                raise _Failed("reset") from err
+            now = self.clock()
+            if up.status in RETRY_STATUSES and not is_last:
+                raise _Failed(f"status_{up.status}")
+            if up.status in RETRY_STATUSES:
+                self._failure(b, now, f"status_{up.status}")
+            else:
+                b.ejection.success()
+                b.observe(now - sent, now)
+                self.metrics.ttfb.labels(model, b.key).observe(now - sent)
+            resp, finished = await self._relay(request, up, b, model, first)
+            return resp
+        finally:
+            b.inflight -= 1
+            if up is not None:
+                if finished:
+                    up.release()
+                else:
+                    # Unread bytes make the connection useless; closing it also tells the
+                    # backend to stop generating for a client that left.
+                    up.close()
+            if self.router.max_inflight:
+                self.notify()
+
+    async def _relay(self, request: web.Request, up: aiohttp.ClientResponse, b: Backend,
+                     model: str, first: bytes) -> tuple[web.StreamResponse, bool]:
+        """Stream the upstream answer to the client; also says whether it ended cleanly."""
+        s = self.settings
+        resp = web.StreamResponse(status=up.status, reason=up.reason)
+        drop = _drop_set(up.headers, HOP_BY_HOP)
+        out = resp.headers
+        for k, v in up.headers.items():
+            if k.lower() not in drop:
+                out.add(k, v)
+        out[BACKEND_HEADER] = b.key
+        await resp.prepare(request)
+        loop = asyncio.get_running_loop()
+        sse = up.content_type == "text/event-stream"
+        try:
+            if first:
+                await resp.write(first)
+            content = up.content
+            async with asyncio.timeout(None) as idle:
+                while True:
+                    idle.reschedule(loop.time() + s.stream_idle_timeout)
+                    chunk = await content.readany()
+                    if not chunk:
+                        break
+                    await resp.write(chunk)
+        except (TimeoutError, aiohttp.ClientError, ConnectionError, OSError) as err:
+            if request.transport is None or request.transport.is_closing():
+                raise  # the client left, not the backend: nothing to tell anyone
+            why = "stalled" if isinstance(err, TimeoutError) else "broken"
+            self.metrics.broken_streams.labels(model, b.key).inc()
+            log.warning("stream broke after bytes were sent", extra={
+                "backend": b.key, "model": model, "why": why})
+            self._failure(b, self.clock(), f"stream_{why}")
+            if sse:
+                with contextlib.suppress(ConnectionError, aiohttp.ClientError):
+                    await resp.write(sse_error_event(f"backend {b.key} stream {why}"))
+                    await resp.write_eof()
+                return resp, False
+            # A plain body cannot carry an error: cut the connection so the client sees it.
+            if request.transport is not None:
+                request.transport.close()
+            return resp, False
+        await resp.write_eof()
+        return resp, True
+
+
+def parse_request(body: bytes) -> tuple[str | None, str | None]:
+    """``(model, None)`` for a usable body, ``(None, why)`` otherwise."""
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None, "the request body is not valid JSON"
+    if not isinstance(data, dict):
+        return None, "the request body must be a JSON object"
+    model = data.get("model")
+    if not isinstance(model, str) or not model:
+        return None, "you must provide a model parameter"
+    return model, None

@@ -1,0 +1,255 @@
+"""Choosing a backend for a request: pure state and arithmetic, no I/O.
+
+Cost of a backend = peak-EWMA latency * (in-flight + 1 + engine queue), the load metric of
+Finagle's and Linkerd's balancers. Choice is power of two choices: draw two candidates at
+random, take the cheaper. Each replica draws from its own random generator, so replicas that
+see the same etcd view spread their picks instead of herding onto the one cheapest backend.
+Candidates come from an index by model, so a decision costs the same however many backends
+the cluster has.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Collection, Iterable
+from dataclasses import dataclass, field
+
+from common.records import BackendRecord
+
+# The latency assumed for a backend that has neither samples nor a probe figure yet.
+DEFAULT_LATENCY_S = 0.05
+# Time constant of the latency average: a sample counts half after ~7 s.
+DECAY_S = 10.0
+
+
+@dataclass(slots=True)
+class Ejection:
+    """Outlier ejection of one backend with exponential backoff (clock passed in)."""
+
+    threshold: int = 5
+    base_s: float = 5.0
+    max_s: float = 60.0
+    failures: int = 0
+    until: float = 0.0
+    backoff_s: float = 0.0  # the last ejection's length; 0 = not on probation
+    ejections: int = 0
+
+    def ejected(self, now: float) -> bool:
+        return now < self.until
+
+    def success(self) -> None:
+        """A good answer returns the backend to full service and forgets its history."""
+        self.failures = 0
+        self.backoff_s = 0.0
+        self.until = 0.0
+
+    def failure(self, now: float, refused: bool = False) -> bool:
+        """Count a failure; returns True when this failure ejects the backend."""
+        self.failures += 1
+        # A backend back from ejection that fails again has not recovered: eject again at
+        # once, for twice as long, rather than waiting for another run of failures.
+        on_probation = self.backoff_s > 0 and not self.ejected(now)
+        if refused or self.failures >= self.threshold or on_probation:
+            if self.ejected(now):
+                return False
+            self.backoff_s = (min(self.max_s, self.backoff_s * 2) if self.backoff_s
+                              else self.base_s)
+            self.until = now + self.backoff_s
+            self.failures = 0
+            self.ejections += 1
+            return True
+        return False
+
+
+@dataclass(slots=True, eq=False)
+class Backend:
+    """What this replica knows about one backend: its record plus its own measurements."""
+
+    key: str  # "node/name"
+    node: str
+    name: str
+    url: str
+    models: tuple[str, ...]
+    ready: bool
+    waiting: int = 0
+    probe_latency_s: float | None = None
+    ewma_s: float = 0.0
+    stamp: float = 0.0
+    samples: int = 0
+    inflight: int = 0
+    ejection: Ejection = field(default_factory=Ejection)
+
+    def latency(self, now: float) -> float:
+        """Peak-EWMA time to first byte; before any sample, the agent's probe figure."""
+        if not self.samples:
+            return self.probe_latency_s or DEFAULT_LATENCY_S
+        # Decay towards zero while idle (as Finagle does), so a backend that lost its traffic
+        # after a slow spell is tried again eventually and can prove it has recovered.
+        age = now - self.stamp
+        return self.ewma_s * math.exp(-age / DECAY_S) if age > 0 else self.ewma_s
+
+    def cost(self, now: float) -> float:
+        return self.latency(now) * (self.inflight + 1 + self.waiting)
+
+    def observe(self, seconds: float, now: float) -> None:
+        """Fold one time-to-first-byte sample into the peak-EWMA."""
+        if not self.samples:
+            self.ewma_s = seconds
+        else:
+            current = self.latency(now)
+            if seconds > current:
+                # Peak sensitivity: a slow answer counts in full at once; only recovery is
+                # smoothed, so a backend going bad loses traffic immediately.
+                self.ewma_s = seconds
+            else:
+                w = math.exp(-(now - self.stamp) / DECAY_S)
+                self.ewma_s = current * w + seconds * (1.0 - w)
+        self.stamp = now
+        self.samples += 1
+
+
+def backend_from_record(key: str, record: BackendRecord) -> Backend:
+    """A fresh Backend for a record (no measurements yet)."""
+    b = Backend(key=key, node=record.node, name=record.name, url=record.url.rstrip("/"),
+                models=tuple(record.models), ready=False)
+    _refresh(b, record)
+    return b
+
+
+def _refresh(b: Backend, record: BackendRecord) -> None:
+    b.url = record.url.rstrip("/")
+    b.models = tuple(record.models)
+    b.ready = record.state == "ready"
+    b.waiting = (record.load.waiting or 0) if record.load else 0
+    b.probe_latency_s = (record.probe_latency_ms / 1000.0
+                         if record.probe_latency_ms is not None else None)
+
+
+class Router:
+    """The table of backends indexed by model, and the P2C choice among them."""
+
+    def __init__(self, rng: random.Random | None = None, *,
+                 eject_threshold: int = 5, eject_base_s: float = 5.0,
+                 eject_max_s: float = 60.0, max_inflight: int = 0) -> None:
+        # Seeded from the OS per replica unless a test pins it: the anti-herding property.
+        self.rng = rng or random.Random()
+        self.backends: dict[str, Backend] = {}
+        self._by_model: dict[str, list[Backend]] = {}
+        self._eject = (eject_threshold, eject_base_s, eject_max_s)
+        self.max_inflight = max_inflight
+
+    # -- the table ---------------------------------------------------------------------------
+
+    def upsert(self, key: str, record: BackendRecord) -> Backend:
+        """Add or update a backend from its record, keeping this replica's measurements."""
+        b = self.backends.get(key)
+        if b is None:
+            b = backend_from_record(key, record)
+            b.ejection = Ejection(*self._eject)
+            self.backends[key] = b
+            self._index(b)
+            return b
+        old_models = b.models
+        _refresh(b, record)
+        if b.models != old_models:
+            self._unindex(b, old_models)
+            self._index(b)
+        return b
+
+    def remove(self, key: str) -> Backend | None:
+        b = self.backends.pop(key, None)
+        if b is not None:
+            self._unindex(b, b.models)
+        return b
+
+    def replace(self, records: Iterable[tuple[str, BackendRecord]]) -> None:
+        """Make the table exactly ``records``, keeping measurements of backends that stay."""
+        keep: set[str] = set()
+        for key, record in records:
+            self.upsert(key, record)
+            keep.add(key)
+        for key in [k for k in self.backends if k not in keep]:
+            self.remove(key)
+
+    def _index(self, b: Backend) -> None:
+        for model in b.models:
+            self._by_model.setdefault(model, []).append(b)
+
+    def _unindex(self, b: Backend, models: tuple[str, ...]) -> None:
+        for model in models:
+            group = self._by_model.get(model)
+            if group is None:
+                continue
+            group[:] = [x for x in group if x is not b]
+            if not group:
+                del self._by_model[model]
+
+    # -- queries -----------------------------------------------------------------------------
+
+    def known(self, model: str) -> bool:
+        """Whether any backend (in any state) says it serves ``model``."""
+        return model in self._by_model
+
+    def models(self) -> list[str]:
+        """Models with at least one ready backend, sorted."""
+        return sorted(m for m, group in self._by_model.items() if any(b.ready for b in group))
+
+    def usable(self, b: Backend, now: float) -> bool:
+        return (b.ready and not b.ejection.ejected(now)
+                and (not self.max_inflight or b.inflight < self.max_inflight))
+
+    def choose(self, model: str, now: float, exclude: Collection[Backend] = ()) -> Backend | None:
+        """Power of two choices among the usable backends of ``model`` not in ``exclude``."""
+        group = self._by_model.get(model)
+        if not group:
+            return None
+        n = len(group)
+        rng = self.rng
+        # A few random draws usually find two usable backends at once; scan only when most of
+        # the group is unusable, so the common case stays O(1) in the size of the group.
+        first = second = None
+        for _ in range(4):
+            b = group[int(rng.random() * n)]
+            if b is first or b in exclude or not self.usable(b, now):
+                continue
+            if first is None:
+                first = b
+            else:
+                second = b
+                break
+        if second is None and n > 1:
+            pool = [b for b in group if b is not first and b not in exclude
+                    and self.usable(b, now)]
+            if first is not None and pool:
+                second = pool[int(rng.random() * len(pool))]
+            elif len(pool) >= 2:
+                first, second = rng.sample(pool, 2)
+            elif pool:
+                first = pool[0]
+        if first is None:
+            return None
+        if second is None:
+            return first
+        c1, c2 = first.cost(now), second.cost(now)
+        if c1 == c2:
+            return first if rng.random() < 0.5 else second
+        return first if c1 < c2 else second
+
+    def next_change(self, model: str, now: float) -> float | None:
+        """When the earliest ejection among ``model``'s ready backends ends, if any."""
+        ends = [b.ejection.until for b in self._by_model.get(model, ())
+                if b.ready and b.ejection.ejected(now)]
+        return min(ends) if ends else None
+
+    def counts(self, now: float) -> dict[str, int]:
+        """Backends by state as this replica sees them: ready, ejected, not_ready."""
+        out = {"ready": 0, "ejected": 0, "not_ready": 0}
+        for b in self.backends.values():
+            if not b.ready:
+                out["not_ready"] += 1
+            elif b.ejection.ejected(now):
+                out["ejected"] += 1
+            else:
+                out["ready"] += 1
+        return out
