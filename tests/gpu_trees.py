@@ -1,0 +1,139 @@
+"""Builds temporary sysfs trees shaped like the kernel's for amdgpu, i915, xe and friends.
+
+Layout mirrored from real machines: devices live under ``devices/pci0000:00/<bdf>``;
+``bus/pci/devices/<bdf>``, ``class/drm/cardN`` and ``class/drm/renderDN`` are relative
+symlinks into it; ``<bdf>/driver`` links to ``bus/pci/drivers/<name>``; ``drm/cardN/device``
+links back up to the PCI function; hwmon sits at ``<bdf>/hwmon/hwmonN``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+class SysfsTree:
+    """A fake /sys rooted at ``root``; each ``add_*`` returns the PCI function directory."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._cards = 0
+        self._hwmons = 0
+        (root / "class" / "drm").mkdir(parents=True, exist_ok=True)
+        (root / "bus" / "pci" / "devices").mkdir(parents=True, exist_ok=True)
+        (root / "bus" / "pci" / "drivers").mkdir(parents=True, exist_ok=True)
+        (root / "module").mkdir(parents=True, exist_ok=True)
+
+    @staticmethod
+    def write(path: Path, value: object) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(f"{value}\n")
+
+    def pci_function(self, bdf: str, vendor: int, device: int, pci_class: int,
+                     driver: str | None) -> Path:
+        """A PCI function with the identity files every device has."""
+        dev = self.root / "devices" / "pci0000:00" / bdf
+        dev.mkdir(parents=True)
+        self.write(dev / "vendor", f"0x{vendor:04x}")
+        self.write(dev / "device", f"0x{device:04x}")
+        self.write(dev / "class", f"0x{pci_class:06x}")
+        uevent = [f"PCI_CLASS={pci_class:X}", f"PCI_ID={vendor:04X}:{device:04X}",
+                  f"PCI_SUBSYS_ID={vendor:04X}:0000", f"PCI_SLOT_NAME={bdf}",
+                  f"MODALIAS=pci:v0000{vendor:04X}d0000{device:04X}"]
+        if driver:
+            (self.root / "bus" / "pci" / "drivers" / driver).mkdir(exist_ok=True)
+            os.symlink(f"../../../bus/pci/drivers/{driver}", dev / "driver")
+            uevent.insert(0, f"DRIVER={driver}")
+        (dev / "uevent").write_text("\n".join(uevent) + "\n")
+        os.symlink(f"../../../devices/pci0000:00/{bdf}",
+                   self.root / "bus" / "pci" / "devices" / bdf)
+        return dev
+
+    def drm(self, dev: Path, *, render: bool = True) -> tuple[str, str | None]:
+        """Register cardN (and renderD(128+N)) for a function, as a DRM driver does."""
+        n = self._cards
+        self._cards += 1
+        bdf = dev.name
+        names = [f"card{n}"] + ([f"renderD{128 + n}"] if render else [])
+        for name in names:
+            node = dev / "drm" / name
+            node.mkdir(parents=True)
+            os.symlink(f"../../../{bdf}", node / "device")
+            self.write(node / "dev", f"226:{n}")
+            os.symlink(f"../../devices/pci0000:00/{bdf}/drm/{name}",
+                       self.root / "class" / "drm" / name)
+        # Connectors appear next to the card in class/drm and must not count as cards.
+        conn = dev / "drm" / f"card{n}" / f"card{n}-DP-1"
+        conn.mkdir()
+        os.symlink(f"../../devices/pci0000:00/{bdf}/drm/card{n}/card{n}-DP-1",
+                   self.root / "class" / "drm" / f"card{n}-DP-1")
+        return names[0], names[1] if render else None
+
+    def hwmon(self, dev: Path, name: str, files: dict[str, object]) -> Path:
+        """A hwmon directory of the device with the given attribute files."""
+        hw = dev / "hwmon" / f"hwmon{self._hwmons}"
+        self._hwmons += 1
+        self.write(hw / "name", name)
+        for file, value in files.items():
+            self.write(hw / file, value)
+        return hw
+
+    def module_version(self, driver: str, version: str) -> None:
+        self.write(self.root / "module" / driver / "version", version)
+
+    # -- whole devices -------------------------------------------------------------------
+
+    def add_amdgpu(self, bdf: str = "0000:03:00.0", *, device: int = 0x744C,
+                   unique_id: str | None = "0x2c2c2cf05f6b5a1e") -> Path:
+        """A Radeon RX 7900 XTX-like dGPU: VRAM files, busy percent, hwmon edge/junction/mem
+        temperatures and power1_input (RDNA3 has no power1_average)."""
+        dev = self.pci_function(bdf, 0x1002, device, 0x030000, "amdgpu")
+        self.drm(dev)
+        self.write(dev / "mem_info_vram_total", 25753026560)
+        self.write(dev / "mem_info_vram_used", 1073741824)
+        self.write(dev / "mem_info_vis_vram_total", 268435456)  # BAR: must not be used
+        self.write(dev / "gpu_busy_percent", 37)
+        if unique_id:
+            self.write(dev / "unique_id", unique_id)
+        self.hwmon(dev, "amdgpu", {
+            "temp1_input": 45000, "temp1_label": "edge",
+            "temp2_input": 52000, "temp2_label": "junction",
+            "temp3_input": 60000, "temp3_label": "mem",
+            "power1_input": 58000000, "power1_cap": 327000000,
+        })
+        return dev
+
+    def add_i915_igpu(self, bdf: str = "0000:00:02.0", device: int = 0x4680) -> Path:
+        """An Alder Lake-like integrated GPU: no hwmon, no memory files."""
+        dev = self.pci_function(bdf, 0x8086, device, 0x030000, "i915")
+        self.drm(dev)
+        return dev
+
+    def add_i915_arc(self, bdf: str = "0000:04:00.0", device: int = 0x56A0) -> Path:
+        """An Arc A770 on i915: hwmon with energy and power limits only."""
+        dev = self.pci_function(bdf, 0x8086, device, 0x030000, "i915")
+        self.drm(dev)
+        self.hwmon(dev, "i915", {"energy1_input": 123456789, "power1_max": 190000000,
+                                 "power1_rated_max": 190000000, "in0_input": 680})
+        return dev
+
+    def add_xe(self, bdf: str = "0000:05:00.0", device: int = 0xE20B) -> Path:
+        """A Battlemage-like dGPU on xe (6.15+): tile VRAM size, energy, pkg/vram temps."""
+        dev = self.pci_function(bdf, 0x8086, device, 0x030000, "xe")
+        self.drm(dev)
+        self.write(dev / "tile0" / "physical_vram_size_bytes", 12884901888)
+        self.hwmon(dev, "xe", {"energy1_input": 5000000, "energy2_input": 4000000,
+                               "power1_max": 250000000, "temp2_input": 41000,
+                               "temp2_label": "pkg", "temp3_input": 50000,
+                               "temp3_label": "vram"})
+        return dev
+
+    def add_intel_host_bridge(self, bdf: str = "0000:00:00.0") -> Path:
+        """Intel's host bridge: vendor 0x8086, class 0x0600, no DRM."""
+        return self.pci_function(bdf, 0x8086, 0x4660, 0x060000, None)
+
+    def add_nvidia(self, bdf: str = "0000:18:00.0") -> Path:
+        """An NVIDIA GPU as the PCI bus shows it (nvidia-drm gives it a card and renderD)."""
+        dev = self.pci_function(bdf, 0x10DE, 0x2335, 0x030200, "nvidia")
+        self.drm(dev)
+        return dev
