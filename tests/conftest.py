@@ -59,3 +59,11 @@ async def no_task_left_behind() -> AsyncIterator[None]:
             task.cancel()
         await asyncio.gather(*left, return_exceptions=True)
         pytest.fail(f"tasks left running after the test: {names}")
+
+
+@pytest.fixture(scope="session")
+def sim_image(docker_engine: DockerEngine) -> str:
+    """The sim engine's image, built FROM scratch on the session's Docker engine."""
+    from sim.image import build_image
+
+    return build_image(docker_engine.host, quiet=True)

@@ -1,0 +1,328 @@
+"""Build the ``aivmm-sim`` container image FROM scratch out of the running interpreter.
+
+There is no image registry and no base image to pull here, so the image is assembled from
+what this machine already has: the python binary with every shared library ``ldd`` names
+(and the loader), a pruned standard library, the installed distributions aiohttp and orjson
+need, and the ``sim`` package. The tree is hashed; an image carrying the same
+``aivmm.content-hash`` label is reused, so an unchanged tree costs a hash and no build.
+
+    python -m sim.image [--docker-host unix:///path/docker.sock] [--tag aivmm-sim] [--quiet]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib.metadata
+import io
+import os
+import re
+import subprocess
+import sys
+import sysconfig
+import tarfile
+import tempfile
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import docker.errors
+
+import docker
+
+PREFIX = PurePosixPath("/opt/python")
+PYVER = f"python{sys.version_info.major}.{sys.version_info.minor}"
+SITE = PREFIX / "lib" / PYVER / "site-packages"
+SIM_UID = 65532
+HASH_LABEL = "aivmm.content-hash"
+SERVED_DISTRIBUTIONS = ("aiohttp", "orjson")
+
+# Standard-library parts the sim never imports: tests, GUIs, installers, build configs.
+STDLIB_SKIP_DIRS = {
+    "site-packages", "test", "tests", "idle_test", "idlelib", "tkinter", "turtledemo",
+    "ensurepip", "lib2to3", "distutils", "pydoc_data", "unittest", "sqlite3", "venv",
+    "__phello__",
+}
+STDLIB_SKIP_FILES = {"turtle.py", "pydoc.py", "doctest.py"}
+DYNLOAD_SKIP = re.compile(
+    r"^(_test|_xx|xx|_ctypes_test|_tkinter|_curses|readline|nis|spwd|ossaudiodev|_dbm|_gdbm"
+    r"|_sqlite3|audioop|_crypt)")
+LDD_LINE = re.compile(r"^\s*(?:\S+\s+=>\s+)?(/\S+)\s+\(0x[0-9a-f]+\)")
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One file of the image's root file system: where it goes and where it comes from."""
+
+    path: PurePosixPath          # absolute path inside the image
+    source: Path | None = None   # a host file to copy, or
+    data: bytes | None = None    # literal content
+    mode: int = 0o644
+    is_dir: bool = False
+
+    def content(self) -> bytes:
+        if self.data is not None:
+            return self.data
+        assert self.source is not None
+        return self.source.read_bytes()
+
+
+def _pyc_wanted(name: str) -> bool:
+    # Only this interpreter's plain bytecode; opt-1/opt-2 and other versions are dead weight.
+    tag = sys.implementation.cache_tag
+    return name.endswith(f".{tag}.pyc")
+
+
+def _walk(root: Path, skip_dirs: set[str] | frozenset[str] = frozenset(),
+          skip_files: set[str] | frozenset[str] = frozenset()) -> Iterator[Path]:
+    for dirpath, dirnames, filenames in os.walk(root):
+        here = Path(dirpath)
+        dirnames[:] = sorted(d for d in dirnames if d not in skip_dirs
+                             and not (here == root and d.startswith("config-")))
+        in_cache = here.name == "__pycache__"
+        for name in sorted(filenames):
+            if name in skip_files or (in_cache and not _pyc_wanted(name)):
+                continue
+            if in_cache and name.split(".")[0] + ".py" in skip_files:
+                continue
+            yield here / name
+
+
+def _mode(path: Path) -> int:
+    return 0o755 if os.access(path, os.X_OK) else 0o644
+
+
+def stdlib_entries() -> list[Entry]:
+    """The interpreter's standard library, pruned, placed under ``PREFIX``."""
+    stdlib = Path(sysconfig.get_paths(vars={"base": sys.base_prefix})["stdlib"])
+    dynload = stdlib / "lib-dynload"
+    entries = []
+    for path in _walk(stdlib, STDLIB_SKIP_DIRS | {"lib-dynload"}, STDLIB_SKIP_FILES):
+        entries.append(Entry(PREFIX / "lib" / PYVER / path.relative_to(stdlib).as_posix(),
+                             source=path, mode=0o644))
+    for path in sorted(dynload.iterdir()):
+        if path.suffix == ".so" and not DYNLOAD_SKIP.match(path.name):
+            entries.append(Entry(PREFIX / "lib" / PYVER / "lib-dynload" / path.name,
+                                 source=path, mode=0o755))
+    return entries
+
+
+def distribution_closure(roots: Iterable[str]) -> list[importlib.metadata.Distribution]:
+    """The installed distributions ``roots`` need, following requirements without extras."""
+    found: dict[str, importlib.metadata.Distribution] = {}
+    todo = list(roots)
+    while todo:
+        name = todo.pop()
+        try:
+            dist = importlib.metadata.distribution(name)
+        except importlib.metadata.PackageNotFoundError:
+            # A requirement for another Python version or platform, not installed here.
+            continue
+        key = dist.metadata["Name"].lower().replace("_", "-")
+        if key in found:
+            continue
+        found[key] = dist
+        for requirement in dist.requires or []:
+            name_part, _, marker = requirement.partition(";")
+            if "extra" in marker:
+                continue
+            match = re.match(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)", name_part)
+            if match:
+                todo.append(match.group(1))
+    return [found[k] for k in sorted(found)]
+
+
+def site_entries() -> list[Entry]:
+    """The files of aiohttp's and orjson's distribution closure, plus the ``sim`` package."""
+    entries = []
+    for dist in distribution_closure(SERVED_DISTRIBUTIONS):
+        base = Path(str(dist.locate_file("")))
+        for rel in dist.files or []:
+            parts = PurePosixPath(str(rel)).parts
+            if ".." in parts or (parts and parts[-1] == "RECORD"):
+                continue
+            if "__pycache__" in parts and not _pyc_wanted(parts[-1]):
+                continue
+            source = base / str(rel)
+            if source.is_file():
+                entries.append(Entry(SITE / PurePosixPath(str(rel)), source=source,
+                                     mode=0o755 if source.suffix == ".so" else 0o644))
+    package = Path(__file__).resolve().parent
+    for source in sorted(package.glob("*.py")):
+        # The builder itself imports docker, which the image does not carry.
+        if source.name != "image.py":
+            entries.append(Entry(SITE / "sim" / source.name, source=source))
+    return entries
+
+
+def shared_libraries(elf_files: Iterable[Path]) -> dict[PurePosixPath, Path]:
+    """Every library ``ldd`` names for ``elf_files``: image path (as named) -> host file."""
+    libs: dict[PurePosixPath, Path] = {}
+    for elf in elf_files:
+        result = subprocess.run(["ldd", str(elf)], capture_output=True, text=True, check=False)
+        for line in result.stdout.splitlines():
+            match = LDD_LINE.match(line)
+            if match:
+                libs[PurePosixPath(match.group(1))] = Path(os.path.realpath(match.group(1)))
+    return libs
+
+
+def system_entries(libs: dict[PurePosixPath, Path]) -> list[Entry]:
+    """/etc/passwd and /etc/group with a non-root user, and a world-writable /tmp."""
+    passwd = ("root:x:0:0:root:/root:/sbin/nologin\n"
+              f"sim:x:{SIM_UID}:{SIM_UID}:sim:/tmp:/sbin/nologin\n")
+    group = f"root:x:0:\nsim:x:{SIM_UID}:\n"
+    entries = [
+        Entry(PurePosixPath("/etc/passwd"), data=passwd.encode()),
+        Entry(PurePosixPath("/etc/group"), data=group.encode()),
+        Entry(PurePosixPath("/tmp"), is_dir=True, mode=0o1777),
+    ]
+    for path, source in sorted(libs.items()):
+        entries.append(Entry(path, source=source, mode=0o755))
+    return entries
+
+
+def plan() -> tuple[list[Entry], str]:
+    """Every entry of the image's root file system, and the Dockerfile that assembles it."""
+    python = Path(os.path.realpath(sys.executable))
+    entries = [Entry(PREFIX / "bin" / PYVER, source=python, mode=0o755)]
+    entries += stdlib_entries()
+    entries += site_entries()
+    elves = [python] + [e.source for e in entries
+                        if e.source is not None and e.source.suffix == ".so"]
+    libs = shared_libraries(elves)
+    # libpython is found through the interpreter's RUNPATH on the host; in the image it sits
+    # under PREFIX/lib and LD_LIBRARY_PATH points there.
+    moved: dict[PurePosixPath, Path] = {}
+    for path, source in libs.items():
+        if path.name.startswith("libpython"):
+            moved[PREFIX / "lib" / path.name] = source
+        else:
+            moved[path] = source
+    entries += system_entries(moved)
+    lib_dirs = sorted({str(p.parent) for p in moved})
+    entries.sort(key=lambda e: e.path)
+    dockerfile = "\n".join([
+        "FROM scratch",
+        "COPY rootfs/ /",
+        f"ENV PYTHONHOME={PREFIX} PATH={PREFIX}/bin LD_LIBRARY_PATH={':'.join(lib_dirs)} "
+        "PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 SIM_HOST=0.0.0.0 SIM_PORT=8001",
+        f"USER {SIM_UID}:{SIM_UID}",
+        "WORKDIR /tmp",
+        'STOPSIGNAL SIGTERM',
+        f'ENTRYPOINT ["{PREFIX}/bin/{PYVER}", "-m", "sim.main"]',
+        "",
+    ])
+    return entries, dockerfile
+
+
+def content_hash(entries: list[Entry], dockerfile: str) -> str:
+    """A hash of every path, mode and content in the image, and of the Dockerfile."""
+    digest = hashlib.sha256(dockerfile.encode())
+    for entry in entries:
+        digest.update(f"\0{entry.path}\0{entry.mode:o}\0{entry.is_dir}\0".encode())
+        if not entry.is_dir:
+            digest.update(hashlib.sha256(entry.content()).digest())
+    return digest.hexdigest()[:16]
+
+
+def write_context(entries: list[Entry], dockerfile: str, fileobj: Any) -> None:
+    """The build context: the Dockerfile and the root file system under ``rootfs/``."""
+    explicit = {e.path: e for e in entries if e.is_dir}
+    parents = {p for e in entries for p in e.path.parents if p != PurePosixPath("/")}
+    with tarfile.open(fileobj=fileobj, mode="w") as tar:
+        _add_bytes(tar, "Dockerfile", dockerfile.encode(), 0o644)
+        for directory in sorted(parents | set(explicit)):
+            info = tarfile.TarInfo(f"rootfs{directory}")
+            info.type = tarfile.DIRTYPE
+            info.mode = explicit[directory].mode if directory in explicit else 0o755
+            info.mtime = int(time.time())
+            tar.addfile(info)
+        for entry in entries:
+            if entry.is_dir:
+                continue
+            # Keep the sources' mtimes so the bytecode next to them stays valid.
+            mtime = entry.source.stat().st_mtime if entry.source is not None else None
+            _add_bytes(tar, f"rootfs{entry.path}", entry.content(), entry.mode, mtime)
+
+
+def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes, mode: int,
+               mtime: float | None = None) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mode, info.mtime = len(data), mode, int(mtime or time.time())
+    tar.addfile(info, io.BytesIO(data))
+
+
+def build_image(docker_host: str | None, *, tag: str = "aivmm-sim", quiet: bool = False) -> str:
+    """Build (or reuse) the sim image on the engine at ``docker_host`` (None: DOCKER_HOST).
+
+    Returns the content-addressed reference ``{tag}:{hash}``; ``{tag}:latest`` points at it too.
+    """
+    def say(message: str) -> None:
+        if not quiet:
+            print(f"sim-image: {message}", flush=True)
+
+    started = time.monotonic()
+    say("collecting the interpreter's closure")
+    entries, dockerfile = plan()
+    digest = content_hash(entries, dockerfile)
+    size = sum(e.source.stat().st_size if e.source else len(e.data or b"") for e in entries)
+    say(f"{len(entries)} files, {size / 2**20:.1f} MiB, content hash {digest}")
+    reference = f"{tag}:{digest}"
+    client = (docker.APIClient(base_url=docker_host, version="auto") if docker_host
+              else docker.APIClient(version="auto", **_env_kwargs()))
+    try:
+        existing = client.images(filters={"label": f"{HASH_LABEL}={digest}"}, quiet=True)
+        if existing:
+            client.tag(existing[0], tag, digest)
+            client.tag(existing[0], tag, "latest")
+            say(f"{reference} is up to date ({existing[0][:19]}): nothing to build")
+            return reference
+        dockerfile_labelled = dockerfile + f'LABEL {HASH_LABEL}="{digest}"\n'
+        with tempfile.TemporaryFile() as context:
+            write_context(entries, dockerfile_labelled, context)
+            context.seek(0)
+            say(f"building {reference}")
+            image_id = None
+            for event in client.build(fileobj=context, custom_context=True, tag=reference,
+                                      rm=True, forcerm=True, decode=True):
+                if "error" in event:
+                    raise RuntimeError(f"image build failed: {event['error'].strip()}")
+                line = event.get("stream", "").strip()
+                if line:
+                    say(f"  {line}")
+                if "aux" in event and "ID" in event["aux"]:
+                    image_id = event["aux"]["ID"]
+        image_id = image_id or client.inspect_image(reference)["Id"]
+        client.tag(image_id, tag, "latest")
+        say(f"built {reference} ({image_id[:19]}) in {time.monotonic() - started:.1f}s")
+        return reference
+    finally:
+        client.close()
+
+
+def _env_kwargs() -> dict[str, Any]:
+    host = os.environ.get("DOCKER_HOST")
+    return {"base_url": host} if host else {}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m sim.image``: build the sim image and print its reference."""
+    parser = argparse.ArgumentParser(prog="python -m sim.image", description=__doc__)
+    parser.add_argument("--docker-host", default=os.environ.get("DOCKER_HOST"),
+                        help="engine URL, e.g. unix:///run/docker.sock (default DOCKER_HOST)")
+    parser.add_argument("--tag", default="aivmm-sim", help="repository name (default aivmm-sim)")
+    parser.add_argument("--quiet", action="store_true", help="print only the reference")
+    args = parser.parse_args(argv)
+    try:
+        reference = build_image(args.docker_host, tag=args.tag, quiet=args.quiet)
+    except (docker.errors.DockerException, RuntimeError) as err:
+        print(f"sim-image: {err}", file=sys.stderr)
+        sys.exit(1)
+    print(reference)
+
+
+if __name__ == "__main__":
+    main()
