@@ -1,0 +1,377 @@
+"""The sim engine, driven by the official openai client: as a process and as a container."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import signal
+import time
+import urllib.request
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+
+import aiohttp
+import openai
+import pytest
+
+import docker
+from sim import generate
+from sim.image import build_image
+from sim.main import parse_args
+from sim.settings import SettingsError, SimSettings, from_env
+from tests.services import DockerEngine, free_port
+from tests.simproc import SimProcess
+
+CHAT = [{"role": "user", "content": "Say something about the fleet"}]
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], within: float = 10,
+                     what: str = "condition") -> None:
+    """Poll an async ``check`` until it holds; fail after ``within`` seconds."""
+    deadline = time.monotonic() + within
+    while not await check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+def metric(text: str, name: str, model: str) -> float:
+    prefix = f'{name}{{model_name="{model}"}} '
+    for line in text.splitlines():
+        if line.startswith(prefix):
+            return float(line[len(prefix):])
+    raise AssertionError(f"{name} for {model} not in metrics:\n{text}")
+
+
+@pytest.fixture(scope="module")
+def sim() -> Iterator[SimProcess]:
+    # One process for the module; tests that change knobs restore them.
+    proc = SimProcess(["m1", "m2"], name="alpha", latency_ms=1, tokens_per_second=0,
+                      chunks=8, embedding_dim=32).start()
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture
+def defaults(sim: SimProcess) -> Iterator[SimProcess]:
+    """The module's sim, with its knobs reset after the test."""
+    yield sim
+    sim.set(fail_mode="none", fail_rate=1.0, latency_ms=1, max_concurrency=0,
+            tokens_per_second=0)
+
+
+@pytest.fixture
+async def client(sim: SimProcess) -> AsyncIterator[openai.AsyncOpenAI]:
+    async with openai.AsyncOpenAI(base_url=sim.url + "/v1", api_key="x",
+                                  max_retries=0, timeout=30) as c:
+        yield c
+
+
+# --- pure parts -------------------------------------------------------------------------------
+
+def test_answers_are_deterministic_readable_words() -> None:
+    first = generate.answer_tokens("hello", 5)
+    assert first == generate.answer_tokens("hello", 5)
+    assert len(first) == 5
+    assert all(token.strip().isalpha() for token in first)
+    assert "".join(first).split() == [t.strip() for t in first]
+
+
+def test_embeddings_are_unit_vectors_that_differ_by_input() -> None:
+    a, b = generate.embedding("a", 48), generate.embedding("b", 48)
+    assert len(a) == 48
+    assert math.isclose(sum(v * v for v in a), 1.0, rel_tol=1e-9)
+    assert a == generate.embedding("a", 48)
+    assert a != b
+
+
+def test_settings_from_env_and_flags_with_flags_winning() -> None:
+    env = {"SIM_MODELS": "x, y", "SIM_LATENCY_MS": "250", "SIM_FAIL_MODE": "hang",
+           "SIM_PORT": "9001", "SIM_NODE_LABEL": "env"}
+    host, port, settings, _ = parse_args(["--latency-ms", "5", "--model", "z"], env)
+    assert (host, port) == ("127.0.0.1", 9001)
+    assert settings.models == ("z",)
+    assert settings.latency_ms == 5.0
+    assert settings.fail_mode == "hang"
+    assert settings.node_label == "env"
+    assert from_env(env).models == ("x", "y")
+
+
+@pytest.mark.parametrize("changes", [
+    {"fail_mode": "explode"}, {"fail_rate": 2}, {"chunks": 0}, {"nope": 1},
+    {"max_concurrency": "many"}, {"models": []}, {"fail_status": 200}, {"latency_ms": True},
+])
+def test_bad_knobs_are_rejected(changes: dict[str, object]) -> None:
+    with pytest.raises(SettingsError):
+        SimSettings().updated(changes)
+
+
+def test_bad_flag_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["--fail-mode", "explode"], {})
+    assert exit_info.value.code == 2
+    assert "fail_mode" in capsys.readouterr().err
+
+
+# --- the server as a process ------------------------------------------------------------------
+
+async def test_chat_completion_answers_with_usage_and_names_the_instance(
+        client: openai.AsyncOpenAI) -> None:
+    raw = await client.chat.completions.with_raw_response.create(model="m1", messages=CHAT)
+    assert raw.headers["x-sim-name"] == "alpha"
+    answer = raw.parse()
+    assert answer.model == "m1"
+    text = answer.choices[0].message.content
+    assert text and len(text.split()) == 8
+    assert answer.choices[0].finish_reason == "stop"
+    assert answer.usage is not None and answer.usage.completion_tokens == 8
+    assert answer.usage.total_tokens == answer.usage.prompt_tokens + 8
+
+
+async def test_completion_honours_max_tokens(client: openai.AsyncOpenAI) -> None:
+    answer = await client.completions.create(model="m2", prompt="Once upon a time", max_tokens=3)
+    assert len(answer.choices[0].text.split()) == 3
+    assert answer.choices[0].finish_reason == "length"
+    assert answer.usage is not None and answer.usage.completion_tokens == 3
+
+
+async def test_streamed_chunks_join_into_the_full_answer(client: openai.AsyncOpenAI) -> None:
+    whole = await client.chat.completions.create(model="m1", messages=CHAT)
+    stream = await client.chat.completions.create(
+        model="m1", messages=CHAT, stream=True, stream_options={"include_usage": True})
+    pieces: list[str] = []
+    usage = None
+    finish = None
+    async for chunk in stream:
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            pieces.append(choice.delta.content or "")
+            finish = choice.finish_reason or finish
+    assert len([p for p in pieces if p]) == 8
+    assert "".join(pieces) == whole.choices[0].message.content
+    assert finish == "stop"
+    assert usage is not None and usage.completion_tokens == 8
+
+
+async def test_streamed_text_completion(client: openai.AsyncOpenAI) -> None:
+    stream = await client.completions.create(model="m2", prompt="hi", stream=True, max_tokens=4)
+    texts = [c.choices[0].text async for c in stream if c.choices]
+    assert len("".join(texts).split()) == 4
+
+
+async def test_embeddings_list_and_single(client: openai.AsyncOpenAI) -> None:
+    many = await client.embeddings.create(model="m1", input=["a", "b"])
+    assert [d.index for d in many.data] == [0, 1]
+    assert all(len(d.embedding) == 32 for d in many.data)
+    assert many.data[0].embedding != many.data[1].embedding
+    one = await client.embeddings.create(model="m1", input="a", encoding_format="float")
+    assert one.data[0].embedding == pytest.approx(many.data[0].embedding, rel=1e-6)
+
+
+async def test_models_lists_the_served_ids(client: openai.AsyncOpenAI) -> None:
+    models = [m.id async for m in client.models.list()]
+    assert models == ["m1", "m2"]
+
+
+async def test_wrong_model_is_404_in_openai_shape(client: openai.AsyncOpenAI) -> None:
+    with pytest.raises(openai.NotFoundError) as err:
+        await client.chat.completions.create(model="nope", messages=CHAT)
+    assert err.value.status_code == 404
+    assert isinstance(err.value.body, dict)
+    assert set(err.value.body) >= {"message", "type", "param", "code"}
+    assert "nope" in err.value.body["message"]
+
+
+async def test_bad_json_is_400(sim: SimProcess) -> None:
+    async with aiohttp.ClientSession() as http, http.post(
+            sim.url + "/v1/chat/completions", data=b"{not json",
+            headers={"Content-Type": "application/json"}) as resp:
+        assert resp.status == 400
+        body = await resp.json()
+    assert body["error"]["type"] == "invalid_request_error"
+
+
+async def test_live_fail_mode_status_then_recovery(defaults: SimProcess,
+                                                   client: openai.AsyncOpenAI) -> None:
+    defaults.set(fail_mode="status", fail_status=503)
+    with pytest.raises(openai.APIStatusError) as err:
+        await client.chat.completions.create(model="m1", messages=CHAT)
+    assert err.value.status_code == 503
+    defaults.set(fail_mode="none")
+    answer = await client.chat.completions.create(model="m1", messages=CHAT)
+    assert answer.choices[0].message.content
+
+
+async def test_reset_drops_the_connection(defaults: SimProcess,
+                                          client: openai.AsyncOpenAI) -> None:
+    defaults.set(fail_mode="reset")
+    with pytest.raises(openai.APIConnectionError):
+        await client.chat.completions.create(model="m1", messages=CHAT)
+
+
+async def test_die_mid_stream_cuts_the_stream(defaults: SimProcess) -> None:
+    defaults.set(fail_mode="die_mid_stream")
+    events: list[bytes] = []
+    async with aiohttp.ClientSession() as http, http.post(
+            defaults.url + "/v1/chat/completions",
+            json={"model": "m1", "messages": CHAT, "stream": True}) as resp:
+        assert resp.status == 200
+        with pytest.raises(aiohttp.ClientError):
+            async for line in resp.content:
+                if line.startswith(b"data: "):
+                    events.append(line)
+    assert 0 < len(events) < 8
+    assert b"data: [DONE]\n" not in events
+
+
+async def test_unhealthy_mode_fails_health_only(defaults: SimProcess,
+                                                client: openai.AsyncOpenAI) -> None:
+    defaults.set(fail_mode="unhealthy")
+    async with aiohttp.ClientSession() as http, http.get(defaults.url + "/health") as resp:
+        assert resp.status == 503
+    assert (await client.models.list()).data
+
+
+async def test_bad_live_knob_is_400_and_changes_nothing(defaults: SimProcess) -> None:
+    async with aiohttp.ClientSession() as http, http.post(
+            defaults.url + "/sim/config", json={"fail_mode": "explode"}) as resp:
+        assert resp.status == 400
+    assert defaults.config()["fail_mode"] == "none"
+
+
+async def test_metrics_follow_running_and_waiting_requests(
+        defaults: SimProcess, client: openai.AsyncOpenAI) -> None:
+    async with aiohttp.ClientSession() as http:
+        async def scrape() -> str:
+            async with http.get(defaults.url + "/metrics") as resp:
+                return await resp.text()
+
+        text = await scrape()
+        for name in ("vllm:num_requests_running", "vllm:num_requests_waiting",
+                     "vllm:gpu_cache_usage_perc"):
+            assert metric(text, name, "m1") == 0.0
+
+        async def counts() -> tuple[float, float]:
+            text = await scrape()
+            return (metric(text, "vllm:num_requests_running", "m1"),
+                    metric(text, "vllm:num_requests_waiting", "m1"))
+
+        # A slow request runs; with one slot, a second one waits behind it.
+        defaults.set(latency_ms=60_000, max_concurrency=1)
+        first = asyncio.create_task(
+            client.chat.completions.create(model="m1", messages=CHAT), name="slow-1")
+        second = asyncio.create_task(
+            client.chat.completions.create(model="m1", messages=CHAT), name="slow-2")
+        try:
+            async def one_running_one_waiting() -> bool:
+                return await counts() == (1.0, 1.0)
+            await eventually(one_running_one_waiting, what="1 running, 1 waiting")
+            assert metric(await scrape(), "vllm:gpu_cache_usage_perc", "m1") == 1.0
+        finally:
+            # Clients giving up must free the slots.
+            first.cancel()
+            second.cancel()
+            await asyncio.gather(first, second, return_exceptions=True)
+
+        async def idle() -> bool:
+            return await counts() == (0.0, 0.0)
+        await eventually(idle, what="no requests in flight")
+
+        defaults.set(latency_ms=300, max_concurrency=0)
+        answer = asyncio.create_task(
+            client.chat.completions.create(model="m1", messages=CHAT), name="slow-3")
+
+        async def running() -> bool:
+            return (await counts())[0] == 1.0
+        await eventually(running, what="the slow request running")
+        assert (await answer).choices[0].message.content
+        await eventually(idle, what="the slow request finished")
+
+
+async def test_sigterm_exits_zero_even_with_a_hanging_request() -> None:
+    sim = SimProcess("m", name="term", fail_mode="hang").start()
+    try:
+        async with aiohttp.ClientSession() as http:
+            hung = asyncio.create_task(http.post(
+                sim.url + "/v1/chat/completions", json={"model": "m", "messages": CHAT}),
+                name="hanging-request")
+
+            async def hanging() -> bool:
+                async with http.get(sim.url + "/metrics") as resp:
+                    return metric(await resp.text(), "vllm:num_requests_running", "m") == 1.0
+            await eventually(hanging, what="the hanging request")
+            assert sim.proc is not None
+            sim.proc.send_signal(signal.SIGTERM)
+            assert await asyncio.to_thread(sim.proc.wait, 20) == 0
+            result = (await asyncio.gather(hung, return_exceptions=True))[0]
+            if isinstance(result, aiohttp.ClientResponse):
+                result.release()
+    finally:
+        sim.kill()
+
+
+def test_restart_keeps_port_and_live_knobs() -> None:
+    sim = SimProcess("m", name="again").start()
+    try:
+        port = sim.port
+        sim.set(node_label="renamed")
+        sim.restart()
+        assert sim.port == port
+        with urllib.request.urlopen(sim.url + "/health", timeout=5) as resp:
+            assert resp.headers["x-sim-name"] == "renamed"
+    finally:
+        sim.stop()
+
+
+# --- the image and the container --------------------------------------------------------------
+
+@pytest.mark.docker
+def test_image_rebuild_is_a_no_op(sim_image: str, docker_engine: DockerEngine,
+                                  capsys: pytest.CaptureFixture[str]) -> None:
+    client = docker.DockerClient(base_url=docker_engine.host, version="auto")
+    try:
+        first_id = client.images.get(sim_image).id
+        again = build_image(docker_engine.host)
+        assert again == sim_image
+        assert client.images.get(again).id == first_id
+        assert client.images.get("aivmm-sim:latest").id == first_id
+        assert "nothing to build" in capsys.readouterr().out
+        image = client.images.get(sim_image)
+        assert image.labels["aivmm.content-hash"] == sim_image.split(":")[1]
+        user = image.attrs["Config"]["User"]
+        assert user and not user.startswith("0")
+    finally:
+        client.close()
+
+
+@pytest.mark.docker
+async def test_container_answers_chat_completion(sim_image: str,
+                                                 docker_engine: DockerEngine) -> None:
+    client = docker.DockerClient(base_url=docker_engine.host, version="auto")
+    port = free_port()
+    container = await asyncio.to_thread(
+        client.containers.run, sim_image, ["--host", "127.0.0.1", "--port", str(port)],
+        environment={"SIM_MODELS": "boxed", "SIM_NODE_LABEL": "in-a-box",
+                     "SIM_LATENCY_MS": "1"},
+        network_mode="host", detach=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+
+        async def healthy() -> bool:
+            try:
+                async with aiohttp.ClientSession() as http, http.get(url + "/health") as r:
+                    return r.status == 200
+            except aiohttp.ClientError:
+                return False
+        await eventually(healthy, within=30, what="the sim container")
+        async with openai.AsyncOpenAI(base_url=url + "/v1", api_key="x", max_retries=0) as oai:
+            raw = await oai.chat.completions.with_raw_response.create(model="boxed",
+                                                                     messages=CHAT)
+        assert raw.headers["x-sim-name"] == "in-a-box"
+        assert raw.parse().choices[0].message.content
+        await asyncio.to_thread(container.stop, timeout=20)
+        result = await asyncio.to_thread(container.wait, timeout=30)
+        assert result["StatusCode"] == 0
+    finally:
+        await asyncio.to_thread(container.remove, force=True)
+        client.close()
