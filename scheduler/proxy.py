@@ -35,6 +35,8 @@ HOP_BY_HOP = frozenset({
 # Request headers the proxy sets itself or that only concern the client's hop.
 _DROP_REQUEST = HOP_BY_HOP | {"host", "content-length"}
 BACKEND_HEADER = "x-aivmm-backend"
+# Bodies with a Content-Length up to this size are read whole before the answer starts.
+WHOLE_BODY_MAX = 1 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,6 +174,7 @@ class Proxy:
                 backend_key = b.key
                 try:
                     resp = await self._attempt(request, b, model, url_path, headers, body,
+                                               deadline=start + s.request_timeout,
                                                is_last=len(tried) >= s.max_attempts)
                     status = resp.status
                     return resp
@@ -203,7 +206,7 @@ class Proxy:
             self.metrics.duration.labels(model).observe(self.clock() - start)
 
     async def _attempt(self, request: web.Request, b: Backend, model: str, path: str,
-                       headers: list[tuple[str, str]], body: bytes, *,
+                       headers: list[tuple[str, str]], body: bytes, *, deadline: float,
                        is_last: bool) -> web.StreamResponse:
         s = self.settings
         assert self.session is not None
@@ -213,15 +216,22 @@ class Proxy:
         try:
             sent = self.clock()
             try:
-                async with asyncio.timeout(s.first_byte_timeout):
+                async with asyncio.timeout(min(s.first_byte_timeout, deadline - sent)):
                     up = await self.session.post(b.url + path, data=body, headers=headers,
                                                  allow_redirects=False)
-                    first = await up.content.readany()
+                    length = up.content_length
+                    if length is not None and length <= WHOLE_BODY_MAX:
+                        # A small complete answer is taken whole before anything is sent, so
+                        # a backend dying half-way through it can still be retried.
+                        first = await up.content.readexactly(length) if length else b""
+                    else:
+                        first = await up.content.readany()
             except aiohttp.ClientConnectorError as err:
                 raise _Failed("connect", refused=True) from err
             except TimeoutError as err:
                 raise _Failed("timeout", timeout=True) from err
-            except (aiohttp.ClientError, ConnectionError, OSError) as err:
+            except (aiohttp.ClientError, ConnectionError, OSError,
+                    asyncio.IncompleteReadError) as err:
                 raise _Failed("reset") from err
             now = self.clock()
             if up.status in RETRY_STATUSES and not is_last:
@@ -232,7 +242,7 @@ class Proxy:
                 b.ejection.success()
                 b.observe(now - sent, now)
                 self.metrics.ttfb.labels(model, b.key).observe(now - sent)
-            resp, finished = await self._relay(request, up, b, model, first)
+            resp, finished = await self._relay(request, up, b, model, first, deadline)
             return resp
         finally:
             b.inflight -= 1
@@ -247,7 +257,8 @@ class Proxy:
                 self.notify()
 
     async def _relay(self, request: web.Request, up: aiohttp.ClientResponse, b: Backend,
-                     model: str, first: bytes) -> tuple[web.StreamResponse, bool]:
+                     model: str, first: bytes, deadline: float
+                     ) -> tuple[web.StreamResponse, bool]:
         """Stream the upstream answer to the client; also says whether it ended cleanly."""
         s = self.settings
         resp = web.StreamResponse(status=up.status, reason=up.reason)
@@ -259,6 +270,8 @@ class Proxy:
         out[BACKEND_HEADER] = b.key
         await resp.prepare(request)
         loop = asyncio.get_running_loop()
+        # The loop's clock and self.clock may differ; carry the deadline over as a remainder.
+        end = loop.time() + (deadline - self.clock())
         sse = up.content_type == "text/event-stream"
         try:
             if first:
@@ -266,7 +279,7 @@ class Proxy:
             content = up.content
             async with asyncio.timeout(None) as idle:
                 while True:
-                    idle.reschedule(loop.time() + s.stream_idle_timeout)
+                    idle.reschedule(min(loop.time() + s.stream_idle_timeout, end))
                     chunk = await content.readany()
                     if not chunk:
                         break

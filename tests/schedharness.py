@@ -1,0 +1,131 @@
+"""Running real schedulers for the tests: in-process apps on loopback, fed by a real etcd."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import aiohttp
+import openai
+import pytest
+from aiohttp import web
+
+from common.keys import Keys
+from common.records import BackendRecord, dump
+from common.store import EtcdStore
+from scheduler.app import build_app
+from scheduler.config import SchedulerConfig
+from tests.services import free_port
+from tests.simproc import SimProcess
+
+
+async def eventually(predicate: Callable[[], Awaitable[Any] | Any], within: float = 10.0,
+                     what: str = "condition") -> Any:
+    """Poll ``predicate`` (sync or async) until it returns something truthy."""
+    deadline = time.monotonic() + within
+    last: Exception | None = None
+    while True:
+        try:
+            result = predicate()
+            if asyncio.iscoroutine(result):
+                result = await result
+            if result:
+                return result
+        except Exception as err:  # the condition may raise until it holds
+            last = err
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {within}s waiting for {what}"
+                               + (f" (last error: {last!r})" if last else ""))
+        await asyncio.sleep(0.05)
+
+
+async def grpc_settled() -> None:
+    """Wait until grpc's per-call status tasks of a closed store have run out.
+
+    A cancelled etcd watch leaves grpc's status task for a few loop turns after the store
+    closed; without this the autouse leak check reports it as ours.
+    """
+    def pending() -> list[asyncio.Task[Any]]:
+        return [t for t in asyncio.all_tasks() if not t.done()
+                and "_handle_status_once_received" in repr(t.get_stack(limit=1))]
+    await eventually(lambda: not pending(), 5.0, "grpc call tasks to finish")
+
+
+@pytest.fixture(autouse=True)
+async def grpc_settles() -> AsyncIterator[None]:
+    """Import into a test module: at teardown, before the leak check, let grpc settle."""
+    yield
+    await grpc_settled()
+
+
+def record_for(sim: SimProcess, *, node: str = "n1", state: str = "ready",
+               latency_ms: float | None = 5.0) -> BackendRecord:
+    return BackendRecord(node=node, name=sim.name, models=list(sim.models), url=sim.url,
+                         state=state, engine="sim", probe_latency_ms=latency_ms,  # type: ignore[arg-type]
+                         updated_at=time.time())
+
+
+async def publish(store: EtcdStore, prefix: str, sim: SimProcess, **kw: Any) -> None:
+    """Write the backend record an agent would write for ``sim``."""
+    record = record_for(sim, **kw)
+    await store.put(Keys(prefix).backend(record.node, record.name), dump(record))
+
+
+class Scheduler:
+    """One scheduler replica serving on a free 127.0.0.1 port in this event loop."""
+
+    def __init__(self, etcd_url: str, prefix: str, **settings: Any) -> None:
+        self.config = SchedulerConfig(etcd=[etcd_url], etcd_prefix=prefix,
+                                      listen=f"127.0.0.1:{free_port()}", **settings)
+        self.app = build_app(self.config)
+        self.url = f"http://{self.config.listen}"
+        self.runner: web.AppRunner | None = None
+
+    async def __aenter__(self) -> Scheduler:
+        self.runner = web.AppRunner(self.app, handler_cancellation=True, access_log=None)
+        await self.runner.setup()
+        host, port = self.config.listen.split(":")
+        await web.TCPSite(self.runner, host, int(port)).start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.runner is not None
+        await self.runner.cleanup()
+
+    def client(self, api_key: str = "none", **kw: Any) -> openai.AsyncOpenAI:
+        """The official client pointed at this replica; no client-side retries."""
+        return openai.AsyncOpenAI(base_url=self.url + "/v1", api_key=api_key, max_retries=0,
+                                  timeout=kw.pop("timeout", 30.0), **kw)
+
+    async def models(self, api_key: str | None = None) -> list[str]:
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        async with aiohttp.ClientSession() as s, s.get(self.url + "/v1/models",
+                                                       headers=headers) as r:
+            return [m["id"] for m in (await r.json())["data"]]
+
+    async def wait_models(self, *models: str, within: float = 10.0,
+                          api_key: str | None = None) -> None:
+        async def seen() -> bool:
+            return set(models) <= set(await self.models(api_key))
+        await eventually(seen, within, f"models {models} on {self.url}")
+
+    async def metrics(self) -> str:
+        async with aiohttp.ClientSession() as s, s.get(self.url + "/metrics") as r:
+            return await r.text()
+
+
+def metric_value(text: str, name: str, **labels: str) -> float:
+    """Sum of the samples of ``name`` whose labels include ``labels``."""
+    total = 0.0
+    for line in text.splitlines():
+        if not line.startswith(name) or line.startswith("#"):
+            continue
+        series, _, value = line.rpartition(" ")
+        head, _, rest = series.partition("{")
+        if head != name:
+            continue
+        if all(f'{k}="{v}"' in rest for k, v in labels.items()):
+            total += float(value)
+    return total
