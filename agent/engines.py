@@ -84,8 +84,8 @@ PROFILES: dict[tuple[str, Vendor | None], Profile] = {
     ("openvino", "intel"): Profile(
         "openvino", "intel", "openvino/model_server:latest-gpu", _ovms_args,
         health_path="/v2/health/ready", env={"HF_HUB_OFFLINE": "1"}),
-    ("sim", None): Profile("sim", None, "aivmm-sim:latest", _sim_args,
-                           entrypoint=["aivmm-sim"]),
+    # The sim image's own entrypoint runs the server (sim/image.py).
+    ("sim", None): Profile("sim", None, "aivmm-sim:latest", _sim_args),
 }
 
 # Vendors each engine runs on, in the order "auto" placement tries them.

@@ -1,0 +1,243 @@
+"""The agent's aiohttp application: state in AppKeys, loops in cleanup contexts.
+
+Start-up order is docker, inventory, supervisor, heartbeat; tear-down runs the other way,
+so on SIGTERM the lease is revoked first (the records vanish at once) and the containers are
+left running: the engines keep serving while the agent is away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+from agent.config import AgentConfig
+from agent.docker.client import DockerAdapter
+from agent.health.heartbeat import Heartbeat
+from agent.metrics import AgentMetrics
+from agent.supervisor import Supervisor
+from common import metrics as common_metrics
+from common.daemon import split_listen
+from common.keys import Keys
+from common.records import GpuRecord, NodeRecord, to_dict
+from common.sdnotify import Notifier
+from common.store import EtcdStore
+from common.tasks import GUARD, Guard
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class GpuView:
+    """The latest inventory scan, shared by placement, the node record and /v1/state."""
+
+    gpus: list[GpuRecord] = field(default_factory=list)
+    offerable: list[GpuRecord] = field(default_factory=list)
+    on_change: Callable[[], None] | None = None
+
+
+CONFIG: web.AppKey[AgentConfig] = web.AppKey("agent_config", AgentConfig)
+METRICS: web.AppKey[AgentMetrics] = web.AppKey("agent_metrics", AgentMetrics)
+DOCKER: web.AppKey[DockerAdapter] = web.AppKey("docker", DockerAdapter)
+INVENTORY: web.AppKey[Any] = web.AppKey("inventory", object)
+GPUS: web.AppKey[GpuView] = web.AppKey("gpus", GpuView)
+SUPERVISOR: web.AppKey[Supervisor] = web.AppKey("supervisor", Supervisor)
+STORE: web.AppKey[EtcdStore] = web.AppKey("store", EtcdStore)
+HEARTBEAT: web.AppKey[Heartbeat] = web.AppKey("heartbeat", Heartbeat)
+NOTIFIER: web.AppKey[Notifier] = web.AppKey("notifier", Notifier)
+STARTED_AT: web.AppKey[float] = web.AppKey("started_at", float)
+
+
+def agent_version() -> str:
+    try:
+        return version("aivmm")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+def agent_url(config: AgentConfig) -> str:
+    host, port = split_listen(config.listen)
+    if host in ("0.0.0.0", "::", ""):
+        host = config.advertise_host
+    return f"http://{f'[{host}]' if ':' in host else host}:{port}"
+
+
+def build_app(config: AgentConfig, *, inventory: Any = None, docker: DockerAdapter | None = None,
+              store: EtcdStore | None = None, notifier: Notifier | None = None) -> web.Application:
+    """The agent; ``inventory``, ``docker`` and ``store`` replace the ones built from config."""
+    app = web.Application()
+    app[GUARD] = Guard()
+    app[CONFIG] = config
+    app[STARTED_AT] = time.time()
+    app[GPUS] = GpuView()
+    app[NOTIFIER] = notifier or Notifier()
+    registry = CollectorRegistry()
+    app[METRICS] = AgentMetrics(registry, config.node_name)
+    common_metrics.install(app, registry)
+    app.router.add_get("/healthz", handle_healthz)
+    app.router.add_get("/v1/state", handle_state)
+
+    async def docker_ctx(app: web.Application) -> AsyncIterator[None]:
+        app[DOCKER] = docker or DockerAdapter(config.docker_host)
+        yield
+        if docker is None:
+            await app[DOCKER].close()
+
+    async def inventory_ctx(app: web.Application) -> AsyncIterator[None]:
+        if inventory is None:
+            from agent.inventory import Inventory  # NVML loads only when the agent runs
+            app[INVENTORY] = Inventory(config.sysfs_root,
+                                       offer_integrated=config.offer_integrated)
+        else:
+            app[INVENTORY] = inventory
+        await rescan(app)
+        app[GUARD].spawn("inventory", inventory_loop(app))
+        yield
+        await app[GUARD].cancel("inventory")
+        if inventory is None:
+            app[INVENTORY].close()
+
+    async def supervisor_ctx(app: web.Application) -> AsyncIterator[None]:
+        view = app[GPUS]
+        sup = Supervisor(config, app[DOCKER], app[METRICS],
+                         gpus=lambda: (view.gpus, view.offerable))
+        app[SUPERVISOR] = sup
+        view.on_change = sup.wake
+        guard = app[GUARD]
+        guard.spawn("supervisor", sup.run())
+        guard.spawn("docker-events", sup.watch_events())
+        guard.spawn("probes", sup.probe_loop())
+        yield
+        await guard.cancel("supervisor", "docker-events", "probes")
+
+    async def heartbeat_ctx(app: web.Application) -> AsyncIterator[None]:
+        own = store is None
+        app[STORE] = store or EtcdStore(config.etcd)
+        if own:
+            await app[STORE].connect()
+        sup = app[SUPERVISOR]
+        beat = Heartbeat(app[STORE], Keys(config.etcd_prefix), node=config.node_name,
+                         interval=config.heartbeat_interval, ttl=config.lease_ttl,
+                         node_record=lambda: node_record(app), backends=sup.records,
+                         metrics=app[METRICS])
+        app[HEARTBEAT] = beat
+        sup.on_change = beat.poke
+        app[GUARD].spawn("heartbeat", beat.run())
+        yield
+        await app[GUARD].cancel("heartbeat")
+        await beat.revoke()
+        if own:
+            await app[STORE].close()
+
+    async def notify_ctx(app: web.Application) -> AsyncIterator[None]:
+        notifier = app[NOTIFIER]
+        notifier.ready(status_line(app))
+        app[GUARD].spawn("sd-notify", notify_loop(app))
+        yield
+        await app[GUARD].cancel("sd-notify")
+        notifier.stopping()
+
+    app.cleanup_ctx.extend([docker_ctx, inventory_ctx, supervisor_ctx, heartbeat_ctx,
+                            notify_ctx])
+    return app
+
+
+async def rescan(app: web.Application) -> None:
+    """Read the GPUs again; a changed offerable set makes the supervisor re-place."""
+    inv = app[INVENTORY]
+    view = app[GPUS]
+    try:
+        gpus = await inv.scan()
+    except Exception:
+        log.exception("GPU scan failed; keeping the previous GPU list")
+        return
+    offerable = inv.offerable(gpus)
+    before = [(g.index, g.uuid) for g in view.offerable]
+    view.gpus, view.offerable = gpus, offerable
+    app[METRICS].gpus(gpus)
+    if before != [(g.index, g.uuid) for g in offerable] and view.on_change is not None:
+        view.on_change()
+
+
+async def inventory_loop(app: web.Application) -> None:
+    """Rescan on every DRM uevent, and each heartbeat interval for fresh GPU figures."""
+    changed = asyncio.Event()
+
+    async def listen() -> None:
+        async for _ in app[INVENTORY].changes():
+            changed.set()
+
+    listener = asyncio.create_task(listen(), name="inventory-uevents")
+    try:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(changed.wait(), app[CONFIG].heartbeat_interval)
+            changed.clear()
+            await rescan(app)
+    finally:
+        listener.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await listener
+
+
+def node_record(app: web.Application) -> NodeRecord:
+    config = app[CONFIG]
+    return NodeRecord(node=config.node_name, agent_version=agent_version(),
+                      started_at=app[STARTED_AT], heartbeat_at=time.time(),
+                      gpus=list(app[GPUS].gpus), agent_url=agent_url(config))
+
+
+def status_line(app: web.Application) -> str:
+    parts = []
+    if SUPERVISOR in app:
+        sup = app[SUPERVISOR]
+        states = [s.state for s in sup.status.values()]
+        ready = states.count("ready")
+        parts.append(f"{ready}/{len(states)} backends ready; {sup.activity}")
+    if HEARTBEAT in app:
+        parts.append(app[HEARTBEAT].activity)
+    return "; ".join(parts) or "starting"
+
+
+async def notify_loop(app: web.Application) -> None:
+    """STATUS= lines for systemctl status, and WATCHDOG=1 pings where systemd asks."""
+    notifier = app[NOTIFIER]
+    period = min(5.0, notifier.watchdog_interval or 5.0)
+    last = ""
+    while True:
+        await asyncio.sleep(period)
+        line = status_line(app)
+        if line != last:
+            notifier.status(line)
+            last = line
+        if notifier.watchdog_interval is not None:
+            notifier.watchdog()
+
+
+async def handle_healthz(request: web.Request) -> web.Response:
+    """The agent process is serving (etcd or Docker being away is reported, not fatal)."""
+    app = request.app
+    etcd = app[HEARTBEAT].connected if HEARTBEAT in app else False
+    return web.json_response({"status": "ok", "etcd_connected": etcd})
+
+
+async def handle_state(request: web.Request) -> web.Response:
+    """This node's inventory and backends as JSON."""
+    app = request.app
+    view = app[GPUS]
+    backends = app[SUPERVISOR].records() if SUPERVISOR in app else []
+    return web.json_response({
+        "node": app[CONFIG].node_name,
+        "gpus": [to_dict(g) for g in view.gpus],
+        "offerable": [g.index for g in view.offerable],
+        "backends": [to_dict(b) for b in backends],
+        "etcd_connected": app[HEARTBEAT].connected if HEARTBEAT in app else False,
+    })

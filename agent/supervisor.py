@@ -1,0 +1,374 @@
+"""Keeping the backends of the config running as containers.
+
+:func:`plan` is the pure reconciliation: desired specs against observed containers gives
+adopt / create / recreate / remove / start actions. :class:`Supervisor` is the shell that
+lists containers, runs the plan with restart backoff, reacts to Docker events at once, probes
+the backends and keeps one :class:`BackendRecord` per backend for the heartbeat.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from agent.backoff import RestartBackoff
+from agent.config import AgentConfig, BackendConfig
+from agent.docker.client import (
+    ContainerEvent,
+    DockerAdapter,
+    DockerFailed,
+    DockerUnavailable,
+    ImageMissing,
+    Reconnected,
+)
+from agent.docker.observed import ObservedContainer, exit_reason
+from agent.docker.spec import ContainerSpec, build_spec
+from agent.engines import EngineError
+from agent.health.probe import Ewma, Prober, ProbeResult
+from agent.metrics import AgentMetrics
+from agent.placement import PlacementError, place
+from common.records import BackendRecord, GpuRecord, State
+
+log = logging.getLogger(__name__)
+
+# A full re-list now and then catches anything an event could not tell (belt and braces).
+RESYNC_S = 30.0
+# Consecutive failed probes before a ready backend counts as unhealthy.
+FAILS_TO_UNHEALTHY = 2
+
+
+@dataclass(frozen=True, slots=True)
+class Adopt:
+    backend: str
+    container: ObservedContainer
+
+
+@dataclass(frozen=True, slots=True)
+class Create:
+    backend: str
+    spec: ContainerSpec
+
+
+@dataclass(frozen=True, slots=True)
+class Recreate:
+    backend: str
+    old: ObservedContainer
+    spec: ContainerSpec
+
+
+@dataclass(frozen=True, slots=True)
+class Start:
+    """The container is right but not running (it crashed, or the engine restarted)."""
+
+    backend: str
+    container: ObservedContainer
+
+
+@dataclass(frozen=True, slots=True)
+class Remove:
+    backend: str
+    container: ObservedContainer
+
+
+Action = Adopt | Create | Recreate | Start | Remove
+
+
+def plan(desired: dict[str, ContainerSpec],
+         actual: Sequence[ObservedContainer]) -> list[Action]:
+    """What to do so that exactly the desired containers exist and run.
+
+    Removals come first so that a recreated container can take its predecessor's name and
+    port. Of several containers for one backend, the running one with the right hash is kept.
+    """
+    by_backend: dict[str, list[ObservedContainer]] = {}
+    for c in actual:
+        by_backend.setdefault(c.backend, []).append(c)
+    removes: list[Action] = []
+    rest: list[Action] = []
+    for name, found in sorted(by_backend.items()):
+        if name not in desired:
+            removes.extend(Remove(name, c) for c in found)
+    for name, spec in desired.items():
+        found = sorted(by_backend.get(name, []),
+                       key=lambda c: (c.config_hash != spec.config_hash, not c.running, c.id))
+        if not found:
+            rest.append(Create(name, spec))
+            continue
+        keep, *extra = found
+        removes.extend(Remove(name, c) for c in extra)
+        if keep.config_hash != spec.config_hash:
+            rest.append(Recreate(name, keep, spec))
+        elif keep.running:
+            rest.append(Adopt(name, keep))
+        else:
+            rest.append(Start(name, keep))
+    return removes + rest
+
+
+@dataclass(slots=True)
+class BackendStatus:
+    """What the agent knows about one backend between reconciliations."""
+
+    config: BackendConfig
+    backoff: RestartBackoff
+    spec: ContainerSpec | None = None
+    container_id: str | None = None
+    state: State = "starting"
+    error: str | None = None
+    restarts: int = 0
+    not_before: float = 0.0  # monotonic time before which no (re)start is tried
+    seen_exit: tuple[str, str] | None = None  # (id, finished_at) of the last counted crash
+    probe_fails: int = 0
+    latency: Ewma = field(default_factory=Ewma)
+    load: object = None
+    updated_at: float = field(default_factory=time.time)
+
+
+GpuSource = Callable[[], tuple[list[GpuRecord], list[GpuRecord]]]
+
+
+class Supervisor:
+    """Runs this node's backends; records in :meth:`records`, changes through ``on_change``."""
+
+    def __init__(self, config: AgentConfig, docker: DockerAdapter, metrics: AgentMetrics,
+                 gpus: GpuSource, on_change: Callable[[], None] | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.config = config
+        self.node = config.node_name
+        self.docker = docker
+        self.metrics = metrics
+        self._gpus = gpus
+        self.on_change = on_change
+        self._clock = clock
+        self._wake = asyncio.Event()
+        self._prober = Prober(timeout=max(1.0, min(5.0, config.probe_interval)))
+        self.status: dict[str, BackendStatus] = {
+            b.name: BackendStatus(b, RestartBackoff(clock)) for b in config.backend}
+        self.activity = "starting"
+
+    # -- what the heartbeat and /v1/state read -------------------------------------------------
+
+    def records(self) -> list[BackendRecord]:
+        return [self._record(s) for s in self.status.values()]
+
+    def _record(self, s: BackendStatus) -> BackendRecord:
+        spec = s.spec
+        return BackendRecord(
+            node=self.node, name=s.config.name, models=[s.config.model],
+            url=spec.url if spec else f"http://{self.config.advertise_host}:{s.config.port}",
+            state=s.state, engine=s.config.engine, vendor=spec.vendor if spec else None,
+            gpus=list(spec.gpu_uuids) if spec else [], container_id=s.container_id,
+            probe_latency_ms=None if s.latency.value is None else round(
+                s.latency.value * 1000, 3),
+            load=s.load,  # type: ignore[arg-type]
+            updated_at=s.updated_at, error=s.error, restarts=s.restarts)
+
+    def _set(self, s: BackendStatus, state: State, error: str | None) -> None:
+        if (s.state, s.error) == (state, error):
+            return
+        if state == "ready":
+            s.backoff.healthy()
+        elif s.state == "ready":
+            s.backoff.unhealthy()
+        log.info("backend state", extra={"backend": s.config.name, "state": state,
+                                         "error": error or ""})
+        s.state, s.error = state, error
+        s.updated_at = time.time()
+        self.metrics.backend(self._record(s))
+        self._changed()
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change()
+
+    def wake(self) -> None:
+        """Reconcile now (inventory changed, or a test wants it)."""
+        self._wake.set()
+
+    # -- reconciliation -------------------------------------------------------------------------
+
+    def desired(self) -> dict[str, ContainerSpec]:
+        """The specs the config asks for; a backend that cannot be placed gets its error."""
+        gpus, offerable = self._gpus()
+        placements = place(self.config.backend, gpus, offerable)
+        specs: dict[str, ContainerSpec] = {}
+        for b in self.config.backend:
+            s = self.status[b.name]
+            p = placements[b.name]
+            if isinstance(p, PlacementError):
+                s.spec = None
+                self._set(s, "stopped", p.message)
+                continue
+            try:
+                specs[b.name] = build_spec(
+                    self.node, b, p.gpus, p.vendor, models_dir=self.config.models_dir,
+                    advertise_host=self.config.advertise_host, node_gpus=gpus)
+            except EngineError as err:
+                s.spec = None
+                self._set(s, "stopped", str(err))
+                continue
+            s.spec = specs[b.name]
+        return specs
+
+    async def reconcile(self) -> None:
+        """One pass: list, plan, act. Raises DockerUnavailable when the engine is away."""
+        desired = self.desired()
+        actual = await self.docker.list_managed(self.node)
+        for action in plan(desired, actual):
+            await self._act(action)
+
+    async def _act(self, action: Action) -> None:
+        now = self._clock()
+        if isinstance(action, Remove):
+            log.info("removing container", extra={"backend": action.backend,
+                                                  "container": action.container.id[:12]})
+            await self.docker.remove(action.container.id)
+            return
+        s = self.status[action.backend]
+        if isinstance(action, Adopt):
+            if s.container_id != action.container.id:
+                log.info("adopted container", extra={"backend": action.backend,
+                                                     "container": action.container.id[:12]})
+                s.container_id = action.container.id
+                self._changed()
+            if s.state == "stopped":
+                self._set(s, "starting", None)
+            return
+        if isinstance(action, Start):
+            c = action.container
+            s.container_id = c.id
+            if s.seen_exit != (c.id, c.finished_at):
+                s.seen_exit = (c.id, c.finished_at)
+                delay = s.backoff.failed()
+                s.not_before = now + delay
+                s.latency.reset()
+                self._set(s, "unhealthy", f"{exit_reason(c)}; restarting in {delay:g}s")
+            if now < s.not_before:
+                return
+            await self._start(s, c.id)
+            return
+        # Create or Recreate
+        if now < s.not_before:
+            return
+        if isinstance(action, Recreate):
+            log.info("config changed: recreating", extra={"backend": action.backend})
+            await self.docker.remove(action.old.id)
+            s.container_id = None
+        await self._create(s, action.spec)
+
+    async def _start(self, s: BackendStatus, container_id: str) -> None:
+        try:
+            await self.docker.start(container_id)
+        except DockerFailed as err:
+            self._failed(s, str(err))
+            return
+        s.restarts += 1
+        self.metrics.restarted(s.config.name, s.config.model)
+        s.probe_fails = 0
+        self._set(s, "starting", s.error)
+
+    async def _create(self, s: BackendStatus, spec: ContainerSpec) -> None:
+        try:
+            cid = await self.docker.create(spec)
+            s.container_id = cid
+            await self.docker.start(cid)
+        except ImageMissing as err:
+            self._failed(s, f"{err} (build or load the image on this node)")
+            return
+        except DockerFailed as err:
+            self._failed(s, str(err))
+            return
+        log.info("created container", extra={"backend": s.config.name, "container": cid[:12]})
+        s.probe_fails = 0
+        s.latency.reset()
+        s.updated_at = time.time()
+        self._set(s, "starting", None)
+        self._changed()
+
+    def _failed(self, s: BackendStatus, why: str) -> None:
+        delay = s.backoff.failed()
+        s.not_before = self._clock() + delay
+        self._set(s, "stopped", f"{why}; retrying in {delay:g}s")
+
+    def _next_deadline(self) -> float:
+        pending = [s.not_before for s in self.status.values() if s.not_before > self._clock()]
+        return min([*pending, self._clock() + RESYNC_S]) - self._clock()
+
+    async def run(self) -> None:
+        """The reconcile loop: at start, on every wake, at backoff deadlines, and now and then."""
+        while True:
+            self._wake.clear()
+            try:
+                await self.reconcile()
+                self.activity = f"supervising {len(self.status)} backend(s)"
+            except DockerUnavailable as err:
+                self.activity = "waiting for the docker engine"
+                log.warning("cannot reconcile: %s", err)
+                for s in self.status.values():
+                    if s.state == "ready" or s.state == "starting":
+                        self._set(s, "unhealthy", "docker engine unreachable")
+                # The events thread announces the engine's return; poll too, in case.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), 2.0)
+                continue
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), max(0.05, self._next_deadline()))
+
+    async def watch_events(self) -> None:
+        """Wake the reconcile loop at once on a container's death, start or health change."""
+        async for event in self.docker.events():
+            if isinstance(event, Reconnected):
+                self.wake()
+            elif isinstance(event, ContainerEvent) and event.node == self.node and (
+                    event.action in ("die", "oom", "start", "destroy")
+                    or event.action.startswith("health_status")):
+                log.debug("container event", extra={"action": event.action,
+                                                    "backend": event.backend})
+                self.wake()
+
+    # -- probes ---------------------------------------------------------------------------------
+
+    async def probe_loop(self) -> None:
+        """Probe every backend with a container each probe_interval, concurrently."""
+        try:
+            while True:
+                await asyncio.gather(*(self._probe(s) for s in list(self.status.values())))
+                await asyncio.sleep(self.config.probe_interval)
+        finally:
+            await self._prober.close()
+
+    async def _probe(self, s: BackendStatus) -> None:
+        spec = s.spec
+        if spec is None or s.container_id is None or s.state == "stopped" or \
+                (s.state == "unhealthy" and s.error and "restarting" in s.error):
+            return
+        result = await self._prober.probe(spec.url, spec.health_path, s.config.model)
+        self.apply_probe(s, result)
+
+    def apply_probe(self, s: BackendStatus, result: ProbeResult) -> None:
+        """Fold one probe result into the backend's state."""
+        if result.latency_s is not None:
+            s.latency.add(result.latency_s)
+        s.load = result.load
+        if result.ready:
+            s.probe_fails = 0
+            self._set(s, "ready", None)
+        else:
+            s.probe_fails += 1
+            if s.state == "ready" and s.probe_fails >= FAILS_TO_UNHEALTHY:
+                self._set(s, "unhealthy", result.error)
+        self.metrics.backend(self._record(s))
+
+    # -- drain ----------------------------------------------------------------------------------
+
+    async def drain(self) -> int:
+        """Stop and remove every container of this node; returns how many."""
+        found = await self.docker.list_managed(self.node)
+        for c in found:
+            log.info("draining", extra={"backend": c.backend, "container": c.id[:12]})
+            await self.docker.remove(c.id, stop_timeout=30)
+        return len(found)
