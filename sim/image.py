@@ -12,11 +12,13 @@ need, and the ``sim`` package. The tree is hashed; an image carrying the same
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import importlib.metadata
 import io
 import os
 import re
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -24,6 +26,7 @@ import tarfile
 import tempfile
 import time
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -61,12 +64,23 @@ class Entry:
     data: bytes | None = None    # literal content
     mode: int = 0o644
     is_dir: bool = False
+    strip: bool = False          # drop debug sections when writing (the hash uses the source)
 
     def content(self) -> bytes:
         if self.data is not None:
             return self.data
         assert self.source is not None
         return self.source.read_bytes()
+
+    def final_content(self) -> bytes:
+        """The bytes that go into the image: :meth:`content`, debug info stripped if asked."""
+        if not self.strip or self.source is None:
+            return self.content()
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / self.source.name
+            subprocess.run(["strip", "--strip-debug", "-o", str(out), str(self.source)],
+                           check=True, capture_output=True)
+            return out.read_bytes()
 
 
 def _pyc_wanted(name: str) -> bool:
@@ -202,6 +216,10 @@ def plan() -> tuple[list[Entry], str]:
         else:
             moved[path] = source
     entries += system_entries(moved)
+    # A source-built interpreter keeps its debug info (libpython alone: ~20 MB of it); the
+    # image does not need it.
+    if shutil.which("strip"):
+        entries = [dataclasses.replace(e, strip=True) if _is_elf(e) else e for e in entries]
     lib_dirs = sorted({str(p.parent) for p in moved})
     entries.sort(key=lambda e: e.path)
     dockerfile = "\n".join([
@@ -211,18 +229,25 @@ def plan() -> tuple[list[Entry], str]:
         "PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 SIM_HOST=0.0.0.0 SIM_PORT=8001",
         f"USER {SIM_UID}:{SIM_UID}",
         "WORKDIR /tmp",
-        'STOPSIGNAL SIGTERM',
         f'ENTRYPOINT ["{PREFIX}/bin/{PYVER}", "-m", "sim.main"]',
         "",
     ])
     return entries, dockerfile
 
 
+def _is_elf(entry: Entry) -> bool:
+    if entry.source is None or entry.is_dir:
+        return False
+    with entry.source.open("rb") as f:
+        return f.read(4) == b"\x7fELF"
+
+
 def content_hash(entries: list[Entry], dockerfile: str) -> str:
     """A hash of every path, mode and content in the image, and of the Dockerfile."""
     digest = hashlib.sha256(dockerfile.encode())
     for entry in entries:
-        digest.update(f"\0{entry.path}\0{entry.mode:o}\0{entry.is_dir}\0".encode())
+        digest.update(f"\0{entry.path}\0{entry.mode:o}\0{entry.is_dir}\0{entry.strip}\0"
+                      .encode())
         if not entry.is_dir:
             digest.update(hashlib.sha256(entry.content()).digest())
     return digest.hexdigest()[:16]
@@ -232,6 +257,11 @@ def write_context(entries: list[Entry], dockerfile: str, fileobj: Any) -> None:
     """The build context: the Dockerfile and the root file system under ``rootfs/``."""
     explicit = {e.path: e for e in entries if e.is_dir}
     parents = {p for e in entries for p in e.path.parents if p != PurePosixPath("/")}
+    # Stripping is one process per file: run them side by side.
+    to_strip = [e for e in entries if e.strip]
+    with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
+        stripped = dict(zip([e.path for e in to_strip],
+                            pool.map(Entry.final_content, to_strip), strict=True))
     with tarfile.open(fileobj=fileobj, mode="w") as tar:
         _add_bytes(tar, "Dockerfile", dockerfile.encode(), 0o644)
         for directory in sorted(parents | set(explicit)):
@@ -245,7 +275,8 @@ def write_context(entries: list[Entry], dockerfile: str, fileobj: Any) -> None:
                 continue
             # Keep the sources' mtimes so the bytecode next to them stays valid.
             mtime = entry.source.stat().st_mtime if entry.source is not None else None
-            _add_bytes(tar, f"rootfs{entry.path}", entry.content(), entry.mode, mtime)
+            data = stripped[entry.path] if entry.strip else entry.content()
+            _add_bytes(tar, f"rootfs{entry.path}", data, entry.mode, mtime)
 
 
 def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes, mode: int,
@@ -265,29 +296,32 @@ def build_image(docker_host: str | None, *, tag: str = "aivmm-sim", quiet: bool 
             print(f"sim-image: {message}", flush=True)
 
     started = time.monotonic()
-    say("collecting the interpreter's closure")
-    entries, dockerfile = plan()
-    digest = content_hash(entries, dockerfile)
-    size = sum(e.source.stat().st_size if e.source else len(e.data or b"") for e in entries)
-    say(f"{len(entries)} files, {size / 2**20:.1f} MiB, content hash {digest}")
-    reference = f"{tag}:{digest}"
+    # Connect first: no engine should fail before any work is done.
     client = (docker.APIClient(base_url=docker_host, version="auto") if docker_host
               else docker.APIClient(version="auto", **_env_kwargs()))
     try:
+        say("collecting the interpreter's closure")
+        entries, dockerfile = plan()
+        digest = content_hash(entries, dockerfile)
+        size = sum(e.source.stat().st_size if e.source else len(e.data or b"")
+                   for e in entries)
+        say(f"{len(entries)} files, {size / 2**20:.1f} MiB before stripping, "
+            f"content hash {digest}")
+        reference = f"{tag}:{digest}"
         existing = client.images(filters={"label": f"{HASH_LABEL}={digest}"}, quiet=True)
         if existing:
             client.tag(existing[0], tag, digest)
             client.tag(existing[0], tag, "latest")
             say(f"{reference} is up to date ({existing[0][:19]}): nothing to build")
             return reference
-        dockerfile_labelled = dockerfile + f'LABEL {HASH_LABEL}="{digest}"\n'
         with tempfile.TemporaryFile() as context:
-            write_context(entries, dockerfile_labelled, context)
+            write_context(entries, dockerfile, context)
             context.seek(0)
             say(f"building {reference}")
             image_id = None
             for event in client.build(fileobj=context, custom_context=True, tag=reference,
-                                      rm=True, forcerm=True, decode=True):
+                                      labels={HASH_LABEL: digest}, rm=True, forcerm=True,
+                                      decode=True):
                 if "error" in event:
                     raise RuntimeError(f"image build failed: {event['error'].strip()}")
                 line = event.get("stream", "").strip()
