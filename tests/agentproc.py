@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 import docker
 from common.keys import Keys
-from common.records import BackendRecord, parse_backend
+from common.records import BackendRecord, NodeRecord, parse_backend, parse_node
 from common.store import EtcdStore
 from tests.services import free_port
 
@@ -133,6 +133,11 @@ class Fleet:
         async with EtcdStore([self.etcd_url]) as store:
             raw = await store.get(self.keys.backend(self.node, name))
         return None if raw is None else parse_backend(raw)
+
+    async def node_record(self) -> NodeRecord | None:
+        async with EtcdStore([self.etcd_url]) as store:
+            raw = await store.get(self.keys.node(self.node))
+        return None if raw is None else parse_node(raw)
 
     async def node_keys(self) -> list[str]:
         async with EtcdStore([self.etcd_url]) as store:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import subprocess
 import sys
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -162,3 +164,53 @@ def test_bad_config_value_exits_2_naming_the_key(tmp_path: Path) -> None:
                           cwd=ROOT, capture_output=True, text=True, timeout=30)
     assert proc.returncode == 2
     assert "backend[0].engine" in proc.stderr
+
+
+async def test_etcd_restart_keeps_backends_running_and_re_registers(
+        tmp_path: Path, etcd_own: EtcdServer, prefix: str, docker_engine: DockerEngine,
+        sim_image: str) -> None:
+    fleet = Fleet(tmp_path, etcd_own.url, prefix, docker_engine.host)
+    try:
+        agent = fleet.agent(fleet.config([sim()]))
+        first = await ready(fleet)
+        etcd_own.stop()
+        assert models_of(first.url) == ["m1"]  # etcd away: the engine is untouched
+        etcd_own.start()
+        restarted_at = time.time()
+
+        async def fresh():
+            node = await fleet.node_record()
+            backend = await fleet.backend("s1")
+            return node is not None and node.heartbeat_at > restarted_at and \
+                backend is not None and backend.state == "ready"
+        await until(fresh, 15, "the agent to heartbeat again after etcd's restart")
+        assert agent.proc is not None and agent.proc.poll() is None
+        assert (await fleet.backend("s1")).container_id == first.container_id
+    finally:
+        fleet.close()
+
+
+async def test_docker_engine_restart_restarts_the_backends(
+        tmp_path: Path, etcd_server: EtcdServer, prefix: str) -> None:
+    from sim.image import build_image
+
+    engine = DockerEngine()
+    engine.start()
+    fleet = None
+    try:
+        await asyncio.to_thread(build_image, engine.host, quiet=True)
+        fleet = Fleet(tmp_path, etcd_server.url, prefix, engine.host)
+        agent = fleet.agent(fleet.config([sim()]))
+        await ready(fleet)
+        await fleet.in_thread(engine.restart)
+
+        async def back():
+            r = await fleet.backend("s1")
+            return r if r and r.state == "ready" and r.restarts >= 1 else None
+        again = await until(back, 60, "the backend to run again after the engine restart")
+        assert models_of(again.url) == ["m1"]
+        assert agent.proc is not None and agent.proc.poll() is None
+    finally:
+        if fleet is not None:
+            fleet.close()
+        engine.close()
