@@ -43,6 +43,9 @@ def parse_args(argv: Sequence[str] | None,
         parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, metavar="VALUE",
                             help=f"default {f.default!r}; env SIM_{f.name.upper()}")
     args = parser.parse_args(argv)
+    if args.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        parser.exit(2, f"aivmm-sim: --log-level: expected debug, info, warning or error, "
+                       f"got {args.log_level!r}\n")
     try:
         settings = from_env(env)
         changes: dict[str, Any] = {name: value for name, value in vars(args).items()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -136,7 +137,8 @@ class SimProcess:
             return json.loads(resp.read())
 
     def __del__(self) -> None:
-        # A forgotten sim must not outlive the test run.
+        # A forgotten sim must not outlive the test run; its log goes with it.
         if self.proc is not None and self.proc.poll() is None:
             with contextlib.suppress(Exception):
                 os.killpg(self.proc.pid, signal.SIGKILL)
+        shutil.rmtree(self._logdir, ignore_errors=True)

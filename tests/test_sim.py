@@ -105,11 +105,14 @@ def test_bad_knobs_are_rejected(changes: dict[str, object]) -> None:
         SimSettings().updated(changes)
 
 
-def test_bad_flag_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize(("argv", "named"), [
+    (["--fail-mode", "explode"], "fail_mode"), (["--log-level", "loud"], "--log-level")])
+def test_bad_flag_exits_2(argv: list[str], named: str,
+                          capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
-        parse_args(["--fail-mode", "explode"], {})
+        parse_args(argv, {})
     assert exit_info.value.code == 2
-    assert "fail_mode" in capsys.readouterr().err
+    assert named in capsys.readouterr().err
 
 
 # --- the server as a process ------------------------------------------------------------------
