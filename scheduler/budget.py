@@ -39,11 +39,15 @@ class RetryBudget:
         self._roll(now)[1] += 1
         self._requests += 1
 
+    def can_retry(self, now: float) -> bool:
+        """Whether a retry now would be within the budget (spends nothing)."""
+        self._roll(now)
+        return self._retries + 1 <= self.ratio * self._requests + self.floor
+
     def try_retry(self, now: float) -> bool:
         """Spend one retry if the budget allows it; False means do not retry."""
-        bucket = self._roll(now)
-        if self._retries + 1 > self.ratio * self._requests + self.floor:
+        if not self.can_retry(now):
             return False
-        bucket[2] += 1
+        self._buckets[-1][2] += 1
         self._retries += 1
         return True

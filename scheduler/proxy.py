@@ -175,7 +175,7 @@ class Proxy:
                 try:
                     resp = await self._attempt(request, b, model, url_path, headers, body,
                                                deadline=start + s.request_timeout,
-                                               is_last=len(tried) >= s.max_attempts)
+                                               can_retry=lambda: self._can_retry(model, tried))
                     status = resp.status
                     return resp
                 except _Failed as err:
@@ -205,9 +205,14 @@ class Proxy:
             self._count(model, backend_key, status)
             self.metrics.duration.labels(model).observe(self.clock() - start)
 
+    def _can_retry(self, model: str, tried: list[Backend]) -> bool:
+        now = self.clock()
+        return (len(tried) < self.settings.max_attempts and self.budget.can_retry(now)
+                and self.router.choose(model, now, exclude=tried) is not None)
+
     async def _attempt(self, request: web.Request, b: Backend, model: str, path: str,
                        headers: list[tuple[str, str]], body: bytes, *, deadline: float,
-                       is_last: bool) -> web.StreamResponse:
+                       can_retry: Callable[[], bool]) -> web.StreamResponse:
         s = self.settings
         assert self.session is not None
         b.inflight += 1
@@ -234,9 +239,10 @@ class Proxy:
                     asyncio.IncompleteReadError) as err:
                 raise _Failed("reset") from err
             now = self.clock()
-            if up.status in RETRY_STATUSES and not is_last:
-                raise _Failed(f"status_{up.status}")
             if up.status in RETRY_STATUSES:
+                if can_retry():
+                    raise _Failed(f"status_{up.status}")
+                # No retry possible: the backend's own 502/503/504 goes to the client as is.
                 self._failure(b, now, f"status_{up.status}")
             else:
                 b.ejection.success()
