@@ -1,0 +1,62 @@
+"""The ``aivmm-scheduler`` command as an operator runs it: config errors, serve, SIGTERM."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.services import EtcdServer, free_port, wait_until
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def run(*args: str, **kw: object) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "scheduler.main", *args], text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw)  # type: ignore[call-overload]
+
+
+@pytest.mark.parametrize("toml, key", [
+    ("max_attempts = 0\n", "max_attempts"),
+    ('api_keys = ["sha256:nothex"]\n', "api_keys"),
+    ('api_keys_file = "/nonexistent/keys"\n', "api_keys_file"),
+    ("no_such_key = 1\n", "no_such_key"),
+])
+def test_bad_config_exits_2_with_one_line(tmp_path: Path, toml: str, key: str) -> None:
+    path = tmp_path / "scheduler.toml"
+    path.write_text(toml)
+    proc = run("--config", str(path))
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and str(path) in lines[0] and key in lines[0], err
+
+
+def test_serves_until_sigterm(tmp_path: Path, etcd_server: EtcdServer) -> None:
+    keys = tmp_path / "keys"
+    keys.write_text("# operators\nk1\n")
+    path = tmp_path / "scheduler.toml"
+    path.write_text(f'api_keys_file = "{keys}"\n')
+    port = free_port()
+    proc = run("--config", str(path), "--etcd", etcd_server.url, "--listen", f"127.0.0.1:{port}")
+    try:
+        def ready() -> bool:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as r:
+                return r.status == 200
+        wait_until(ready, 20, "scheduler ready")
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/models",
+                                     headers={"Authorization": "Bearer k1"})
+        with urllib.request.urlopen(req, timeout=5) as r:
+            assert r.status == 200
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()  # type: ignore[union-attr]
+        proc.stderr.close()  # type: ignore[union-attr]
