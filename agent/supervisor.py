@@ -343,8 +343,10 @@ class Supervisor:
 
     async def _probe(self, s: BackendStatus) -> None:
         spec = s.spec
+        # Nothing listens while no container runs: a stopped backend, or a crashed one
+        # waiting out its backoff.
         if spec is None or s.container_id is None or s.state == "stopped" or \
-                (s.state == "unhealthy" and s.error and "restarting" in s.error):
+                (s.state == "unhealthy" and s.not_before > self._clock()):
             return
         result = await self._prober.probe(spec.url, spec.health_path, s.config.model)
         self.apply_probe(s, result)
