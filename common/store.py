@@ -38,6 +38,9 @@ _CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
     # connection; etcd drops clients pinging more often than every 5 s.
     ("grpc.keepalive_time_ms", 10_000),
     ("grpc.keepalive_timeout_ms", 5_000),
+    # By default gRPC stops pinging after two pings without data: an idle watch would
+    # then never notice that etcd froze.
+    ("grpc.http2.max_pings_without_data", 0),
     # A snapshot of many records can exceed gRPC's 4 MiB default.
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
 )
@@ -149,6 +152,44 @@ class _Conn:
 
     async def close(self) -> None:
         await self.channel.close()
+
+
+class _Stream:
+    """A bidirectional gRPC call that, once ended, leaves no grpc task running behind it.
+
+    grpc.aio runs a helper task per streaming call until the C core reports the call's
+    final status, which comes a few milliseconds after a local cancel. ``end`` cancels the
+    call and waits (briefly, bounded) for that task, so a stopped watch is truly stopped.
+    The task is recognised by its name among the tasks started while the call opened; if
+    grpc renames it, ``end`` simply stops waiting for it.
+    """
+
+    _HELPER = "_handle_status_once_received"
+    _HELPER_WAIT_S = 1.0
+
+    def __init__(self, method: Callable[..., Any], timeout: float | None = None) -> None:
+        self._before: set[asyncio.Task[Any]] | None = asyncio.all_tasks()
+        self.call = method(timeout=timeout)
+        self._helpers: list[asyncio.Task[Any]] = []
+
+    def _note_helpers(self) -> None:
+        if self._before is not None:
+            self._helpers = [
+                t for t in asyncio.all_tasks() - self._before
+                if getattr(t.get_coro(), "__qualname__", "").endswith(self._HELPER)]
+            self._before = None
+
+    async def open(self, request: Any) -> None:
+        """Send the first request; by then grpc has started the call and its helper."""
+        await self.call.write(request)
+        self._note_helpers()
+
+    async def end(self) -> None:
+        self.call.cancel()
+        self._note_helpers()
+        pending = [t for t in self._helpers if not t.done()]
+        if pending:
+            await asyncio.wait(pending, timeout=self._HELPER_WAIT_S)
 
 
 class EtcdStore:
@@ -314,13 +355,15 @@ class EtcdStore:
         req = rpc.LeaseKeepAliveRequest(ID=lease_id)
 
         async def op(conn: _Conn) -> Any:
-            # One request, one answer, then the stream is cancelled: the owner paces refreshes.
-            call = conn.lease.LeaseKeepAlive(timeout=self._timeout)
+            # One request, one answer: the owner paces refreshes. Half-closing makes etcd
+            # end the stream by itself once it has answered.
+            stream = _Stream(conn.lease.LeaseKeepAlive, timeout=self._timeout)
             try:
-                await call.write(req)
-                resp = await call.read()
+                await stream.open(req)
+                await stream.call.done_writing()
+                resp = await stream.call.read()
             finally:
-                call.cancel()
+                await stream.end()
             if resp is grpc.aio.EOF:
                 raise _Retry("keep-alive stream ended without an answer")
             return resp
@@ -433,21 +476,22 @@ class EtcdStore:
             progress_notify=True,
         ))
 
-        async def op(conn: _Conn) -> tuple[_Conn, Any, Any]:
-            call = conn.watch.Watch()  # no deadline: the stream lives as long as its reader
+        async def op(conn: _Conn) -> tuple[_Conn, _Stream, Any]:
+            # No deadline on the stream: it lives as long as its reader. Only its creation
+            # has one.
+            stream = _Stream(conn.watch.Watch)
             try:
                 async with asyncio.timeout(self._timeout):
-                    await call.write(create)
-                    first = await call.read()
+                    await stream.open(create)
+                    first = await stream.call.read()
+                if first is grpc.aio.EOF:
+                    raise _Retry("watch stream ended before it was created")
             except BaseException:
-                call.cancel()
+                await stream.end()
                 raise
-            if first is grpc.aio.EOF:
-                call.cancel()
-                raise _Retry("watch stream ended before it was created")
-            return conn, call, first
+            return conn, stream, first
 
-        conn, call, resp = await self._call(f"watch {prefix}", op)
+        conn, stream, resp = await self._call(f"watch {prefix}", op)
         try:
             while True:
                 if resp.compact_revision:
@@ -460,7 +504,7 @@ class EtcdStore:
                     revision=int(resp.header.revision), cluster_id=int(resp.header.cluster_id),
                 )
                 try:
-                    resp = await call.read()
+                    resp = await stream.call.read()
                 except grpc.aio.AioRpcError as err:
                     resp = err
                 except asyncio.CancelledError:
@@ -478,7 +522,7 @@ class EtcdStore:
                     await self._failover(conn)
                     raise StoreUnavailable(message)
         finally:
-            call.cancel()
+            await stream.end()
 
     async def watch_prefix(self, prefix: str, start_revision: int) -> AsyncIterator[Event]:
         """Raw watch from ``start_revision`` (inclusive); raises on a broken stream.
