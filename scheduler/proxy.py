@@ -207,8 +207,13 @@ class Proxy:
 
     def _can_retry(self, model: str, tried: list[Backend]) -> bool:
         now = self.clock()
-        return (len(tried) < self.settings.max_attempts and self.budget.can_retry(now)
-                and self.router.choose(model, now, exclude=tried) is not None)
+        if (len(tried) >= self.settings.max_attempts
+                or self.router.choose(model, now, exclude=tried) is None):
+            return False
+        if not self.budget.can_retry(now):
+            self.metrics.budget_refusals.labels(model).inc()
+            return False
+        return True
 
     async def _attempt(self, request: web.Request, b: Backend, model: str, path: str,
                        headers: list[tuple[str, str]], body: bytes, *, deadline: float,
