@@ -38,9 +38,11 @@ _CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
     # connection; etcd drops clients pinging more often than every 5 s.
     ("grpc.keepalive_time_ms", 10_000),
     ("grpc.keepalive_timeout_ms", 5_000),
-    # By default gRPC stops pinging after two pings without data: an idle watch would
-    # then never notice that etcd froze.
+    # By default gRPC stops pinging an idle stream after two pings, and recent versions
+    # give a ping a minute to be answered: an idle watch would not notice a frozen etcd.
     ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.http2.min_time_between_pings_ms", 10_000),
+    ("grpc.http2.ping_timeout_ms", 5_000),
     # A snapshot of many records can exceed gRPC's 4 MiB default.
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
 )

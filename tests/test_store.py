@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 import time
 import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -354,3 +355,48 @@ async def test_close_ends_a_running_view_with_store_closed(
     await s.close()
     with pytest.raises(StoreClosed):
         await asyncio.wait_for(task, 10)
+
+
+async def test_frozen_etcd_hits_the_deadline_instead_of_hanging(etcd_own: EtcdServer) -> None:
+    async with EtcdStore([etcd_own.url], timeout=1.0) as s:
+        await s.put("/f/k", b"v")
+        assert etcd_own.proc is not None
+        etcd_own.proc.send_signal(signal.SIGSTOP)  # accepts connections, never answers
+        try:
+            with pytest.raises(StoreUnavailable) as err:
+                await s.get("/f/k")
+            assert "DEADLINE_EXCEEDED" in str(err.value) or "timed out" in str(err.value)
+            assert not s.connected
+        finally:
+            etcd_own.proc.send_signal(signal.SIGCONT)
+        assert await s.get("/f/k") == b"v"
+        assert s.connected
+
+
+async def test_view_notices_a_frozen_etcd_and_resumes_when_it_thaws(
+        etcd_own: EtcdServer) -> None:
+    """A frozen etcd keeps its connections open; only keepalive pings can tell."""
+    states: list[bool] = []
+    async with fast_store(etcd_own, states) as s:
+        view = s.sync_prefix("/z/")
+        assert isinstance(await anext(view), Reset)
+        pending = asyncio.ensure_future(anext(view))
+        try:
+            await eventually(lambda: etcd_watchers(etcd_own) == 1, 10, "the watch to open")
+            assert etcd_own.proc is not None
+            etcd_own.proc.send_signal(signal.SIGSTOP)
+            try:
+                await eventually(lambda: not s.connected, 30, "the frozen etcd to be noticed")
+            finally:
+                etcd_own.proc.send_signal(signal.SIGCONT)
+            async with EtcdStore([etcd_own.url]) as writer:
+                await writer.put("/z/k", b"v")
+            item = await asyncio.wait_for(pending, 15)
+            assert isinstance(item, Event)
+            assert item.key == "/z/k"
+        finally:
+            pending.cancel()
+            with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+                await pending
+            await view.aclose()
+    assert states == [True, False, True]
