@@ -31,9 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-import docker.errors
-
 import docker
+import docker.errors
 
 PREFIX = PurePosixPath("/opt/python")
 PYVER = f"python{sys.version_info.major}.{sys.version_info.minor}"

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import docker
+
 from common.keys import Keys
 from common.records import BackendRecord, NodeRecord, parse_backend, parse_node
 from common.store import EtcdStore

@@ -10,10 +10,10 @@ import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import aiohttp
+import docker
 import openai
 import pytest
 
-import docker
 from sim import generate
 from sim.image import build_image
 from sim.main import parse_args

@@ -17,11 +17,11 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import docker
 import docker.errors
 import requests.exceptions
 from docker.types import DeviceRequest
 
-import docker
 from agent.docker.observed import ObservedContainer, observe
 from agent.docker.spec import LABEL_MANAGED, LABEL_NODE, ContainerSpec
 
