@@ -94,7 +94,7 @@ def build_app(config: AgentConfig, *, inventory: Any = None, docker: DockerAdapt
     async def inventory_ctx(app: web.Application) -> AsyncIterator[None]:
         if inventory is None:
             from agent.inventory import Inventory  # NVML loads only when the agent runs
-            app[INVENTORY] = Inventory(config.sysfs_root,
+            app[INVENTORY] = Inventory(config.sysfs_root, proc_root=config.proc_root,
                                        offer_integrated=config.offer_integrated)
         else:
             app[INVENTORY] = inventory

@@ -61,6 +61,9 @@ class AgentConfig(DaemonConfig):
     docker_host: str | None = setting(None)
     models_dir: str = setting("/var/lib/aivmm/models")
     sysfs_root: str = setting("/sys")
+    # Intel drivers report memory in use only per client, in DRM fdinfo under /proc; reading
+    # it needs the host's PID namespace, so it is opt-in (set "/proc") rather than a guess.
+    proc_root: str | None = setting(None)
     offer_integrated: bool = setting(False)
     backend: list[BackendConfig] = setting([])
 
