@@ -59,6 +59,14 @@ class Reconnected:
 Event = ContainerEvent | Reconnected
 
 
+def device_requests(spec: ContainerSpec) -> list[DeviceRequest] | None:
+    """The NVIDIA device request for the spec's GPU uuids (what the container toolkit maps)."""
+    if not spec.nvidia_device_ids:
+        return None
+    return [DeviceRequest(driver="nvidia", device_ids=list(spec.nvidia_device_ids),
+                          capabilities=[["gpu"]])]
+
+
 def _translate(err: Exception) -> Exception:
     if isinstance(err, docker.errors.ImageNotFound):
         return ImageMissing(f"image not found: {err.explanation or err}")
@@ -115,15 +123,12 @@ class DockerAdapter:
 
     def _create(self, spec: ContainerSpec) -> str:
         client = self._docker()
-        device_requests = [DeviceRequest(driver="nvidia", device_ids=spec.nvidia_device_ids,
-                                         capabilities=[["gpu"]])] \
-            if spec.nvidia_device_ids else None
         container = client.containers.create(
             spec.image, spec.command or None, entrypoint=spec.entrypoint, name=spec.name,
             environment=spec.env, labels=spec.labels, network_mode=spec.network,
             ports=spec.ports or None, devices=spec.devices or None,
             group_add=spec.group_add or None, volumes=spec.volumes, mem_limit=spec.mem_limit,
-            security_opt=spec.security_opt, privileged=False, device_requests=device_requests,
+            security_opt=spec.security_opt, privileged=False, device_requests=device_requests(spec),
             detach=True)
         return container.id
 
