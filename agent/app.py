@@ -25,10 +25,10 @@ from agent.health.heartbeat import Heartbeat
 from agent.metrics import AgentMetrics
 from agent.supervisor import Supervisor
 from common import metrics as common_metrics
-from common.daemon import split_listen
+from common.daemon import LISTENING, split_listen
 from common.keys import Keys
 from common.records import GpuRecord, NodeRecord, to_dict
-from common.sdnotify import Notifier
+from common.sdnotify import Notifier, notify_loop
 from common.store import EtcdStore
 from common.tasks import GUARD, Guard
 
@@ -79,6 +79,7 @@ def build_app(config: AgentConfig, *, inventory: Any = None, docker: DockerAdapt
     app[STARTED_AT] = time.time()
     app[GPUS] = GpuView()
     app[NOTIFIER] = notifier or Notifier()
+    app[LISTENING] = asyncio.Event()
     registry = CollectorRegistry()
     app[METRICS] = AgentMetrics(registry, config.node_name)
     common_metrics.install(app, registry)
@@ -139,8 +140,9 @@ def build_app(config: AgentConfig, *, inventory: Any = None, docker: DockerAdapt
 
     async def notify_ctx(app: web.Application) -> AsyncIterator[None]:
         notifier = app[NOTIFIER]
-        notifier.ready(status_line(app))
-        app[GUARD].spawn("sd-notify", notify_loop(app))
+        listening = app[LISTENING]
+        app[GUARD].spawn("sd-notify", notify_loop(notifier, ready=listening.is_set,
+                                                  status=lambda: status_line(app)))
         yield
         await app[GUARD].cancel("sd-notify")
         notifier.stopping()
@@ -205,21 +207,6 @@ def status_line(app: web.Application) -> str:
     if HEARTBEAT in app:
         parts.append(app[HEARTBEAT].activity)
     return "; ".join(parts) or "starting"
-
-
-async def notify_loop(app: web.Application) -> None:
-    """STATUS= lines for systemctl status, and WATCHDOG=1 pings where systemd asks."""
-    notifier = app[NOTIFIER]
-    period = min(5.0, notifier.watchdog_interval or 5.0)
-    last = ""
-    while True:
-        await asyncio.sleep(period)
-        line = status_line(app)
-        if line != last:
-            notifier.status(line)
-            last = line
-        if notifier.watchdog_interval is not None:
-            notifier.watchdog()
 
 
 async def handle_healthz(request: web.Request) -> web.Response:

@@ -15,6 +15,9 @@ log = logging.getLogger(__name__)
 EXIT_OK = 0
 EXIT_TASK_FAILED = 1
 
+# Set by serve() once the socket accepts connections: READY=1 must not come before that.
+LISTENING: web.AppKey[asyncio.Event] = web.AppKey("listening", asyncio.Event)
+
 
 def split_listen(listen: str) -> tuple[str, int]:
     host, _, port = listen.rpartition(":")
@@ -47,6 +50,8 @@ async def serve(app: web.Application, listen: str, *, reuse_port: bool = False,
             log.error("cannot listen on %s: %s", listen, err.strerror or err)
             return EXIT_TASK_FAILED
         log.info("listening", extra={"listen": listen})
+        if LISTENING in app:
+            app[LISTENING].set()
         stopped = asyncio.create_task(stop.wait())
         failed = asyncio.create_task(guard.failed.wait())
         await asyncio.wait({stopped, failed}, return_when=asyncio.FIRST_COMPLETED)

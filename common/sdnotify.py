@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 
 class Notifier:
@@ -54,3 +55,33 @@ class Notifier:
         if self._sock is not None:
             self._sock.close()
             self._sock = None
+
+
+async def notify_loop(notifier: Notifier, *, ready: Callable[[], bool],
+                      status: Callable[[], str], poll: float = 0.1) -> None:
+    """Eternal task: ``READY=1`` once ``ready()`` holds, ``STATUS=`` on change, watchdog pings.
+
+    ``WATCHDOG=1`` goes out every half ``WATCHDOG_USEC`` from the start, so a slow start-up
+    is bounded by ``TimeoutStartSec=`` and not mistaken for a hang; a daemon whose loop is
+    stuck stops pinging and systemd kills and restarts it.
+    """
+    loop = asyncio.get_running_loop()
+    period = min(5.0, notifier.watchdog_interval or 5.0)
+    announced = False
+    last = ""
+    next_tick = loop.time()
+    while True:
+        if not announced and ready():
+            last = status()
+            notifier.ready(last)
+            announced = True
+        if loop.time() >= next_tick:
+            line = status()
+            if line != last:
+                notifier.status(line)
+                last = line
+            if notifier.watchdog_interval is not None:
+                notifier.watchdog()
+            next_tick = loop.time() + period
+        wait = next_tick - loop.time()
+        await asyncio.sleep(max(0.0, wait if announced else min(poll, wait)))

@@ -5,6 +5,7 @@ State lives in AppKeys; the etcd watch runs in a cleanup_ctx as a guarded eterna
 
 from __future__ import annotations
 
+import asyncio
 import html
 import time
 from collections.abc import AsyncIterator
@@ -13,8 +14,10 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from common.daemon import LISTENING
 from common.keys import Keys
 from common.metrics import REGISTRY, handle_metrics
+from common.sdnotify import Notifier, notify_loop
 from common.store import EtcdStore
 from common.tasks import GUARD, Guard
 from scheduler.auth import Authenticator, read_keys_file
@@ -33,6 +36,7 @@ REGISTRY_VIEW: web.AppKey[Registry] = web.AppKey("registry", Registry)
 AUTH: web.AppKey[Authenticator] = web.AppKey("auth", Authenticator)
 METRICS: web.AppKey[SchedulerMetrics] = web.AppKey("metrics", SchedulerMetrics)
 STORE: web.AppKey[Any] = web.AppKey("store", object)
+NOTIFIER: web.AppKey[Notifier] = web.AppKey("notifier", Notifier)
 
 OPENAI_POST_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 
@@ -149,8 +153,33 @@ async def _watch_ctx(app: web.Application) -> AsyncIterator[None]:
         await app[STORE].close()
 
 
-def build_app(config: SchedulerConfig, store: Any = None, *,
-              router: Router | None = None) -> web.Application:
+def status_line(app: web.Application) -> str:
+    """One line for ``systemctl status``."""
+    if not app[REGISTRY_VIEW].synced:
+        return "loading the backend table from etcd"
+    counts = app[ROUTER].counts(time.monotonic())
+    etcd = "etcd connected" if etcd_connected(app) else "etcd away, routing on the last view"
+    return (f"{counts['ready']} backends ready, {counts['ejected']} ejected, "
+            f"{counts['not_ready']} not ready; {etcd}")
+
+
+async def _notify_ctx(app: web.Application) -> AsyncIterator[None]:
+    """READY=1 once listening with the table loaded; STATUS= and WATCHDOG=1 under systemd."""
+    notifier = app[NOTIFIER]
+    if notifier.enabled:
+        listening = app[LISTENING]
+        app[GUARD].spawn("sd-notify", notify_loop(
+            notifier, ready=lambda: listening.is_set() and app[REGISTRY_VIEW].synced,
+            status=lambda: status_line(app)))
+    yield
+    if notifier.enabled:
+        await app[GUARD].cancel("sd-notify")
+        notifier.stopping()
+    notifier.close()
+
+
+def build_app(config: SchedulerConfig, store: Any = None, *, router: Router | None = None,
+              notifier: Notifier | None = None) -> web.Application:
     """The scheduler application; ``store`` (an EtcdStore) is made from config when None."""
     app = web.Application(client_max_size=config.max_body_bytes)
     keys = list(config.api_keys)
@@ -175,6 +204,8 @@ def build_app(config: SchedulerConfig, store: Any = None, *,
     app[AUTH] = Authenticator(keys)
     app[METRICS] = metrics
     app[REGISTRY] = metrics.registry
+    app[NOTIFIER] = notifier or Notifier()
+    app[LISTENING] = asyncio.Event()
     if GUARD not in app:
         app[GUARD] = Guard()
     if store is not None:
@@ -188,4 +219,6 @@ def build_app(config: SchedulerConfig, store: Any = None, *,
     app.router.add_get("/", handle_status)
     app.cleanup_ctx.append(_proxy_ctx)
     app.cleanup_ctx.append(_watch_ctx)
+    # Last, so that on the way out STOPPING=1 goes first.
+    app.cleanup_ctx.append(_notify_ctx)
     return app

@@ -12,6 +12,7 @@ from aiohttp import web
 
 from agent.app import build_app
 from agent.config import AgentConfig, BackendConfig
+from common.daemon import LISTENING
 from common.sdnotify import Notifier
 from common.tasks import GUARD
 from tests.agentproc import Fleet, until
@@ -46,9 +47,15 @@ async def test_state_metrics_health_and_readiness_notification(fleet: Fleet,
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", int(listen.rpartition(":")[2]))
     await site.start()
+    app[LISTENING].set()  # what common.daemon.serve does once the socket is open
     base = f"http://{listen}"
     try:
-        assert b"READY=1" in notify.recv(4096)
+        async def ready_sent() -> bool:
+            try:
+                return b"READY=1" in notify.recv(4096)
+            except BlockingIOError:
+                return False
+        await until(ready_sent, 10, "READY=1 on the notify socket")
         async with aiohttp.ClientSession() as http:
             async def state_ready() -> dict | None:
                 async with http.get(base + "/v1/state") as resp:
