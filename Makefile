@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo down test lint unit sim-image services clean
+.PHONY: demo down test lint unit sim-image images services clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,10 @@ test: $(STAMP) services lint
 
 sim-image: $(STAMP) services
 	$(PY) -m sim.image $(SIM_IMAGE_ARGS)
+
+# aivmm-agent:local, aivmm-scheduler:local and the sim image, FROM scratch (no registry).
+images: $(STAMP) services
+	$(PY) -m scripts.images $(IMAGES_ARGS)
 
 demo: $(STAMP) services
 	$(PY) -m scripts.demo up

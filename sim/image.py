@@ -1,10 +1,12 @@
-"""Build the ``aivmm-sim`` container image FROM scratch out of the running interpreter.
+"""Build container images FROM scratch out of the running interpreter (the sim's, and more).
 
-There is no image registry and no base image to pull here, so the image is assembled from
+There is no image registry and no base image to pull here, so an image is assembled from
 what this machine already has: the python binary with every shared library ``ldd`` names
-(and the loader), a pruned standard library, the installed distributions aiohttp and orjson
-need, and the ``sim`` package. The tree is hashed; an image carrying the same
-``aivmm.content-hash`` label is reused, so an unchanged tree costs a hash and no build.
+(and the loader), a pruned standard library, the installed distributions an
+:class:`ImageSpec` names with everything they require, and its packages from this source
+tree. The tree is hashed; an image carrying the same ``aivmm.content-hash`` label is reused,
+so an unchanged tree costs a hash and no build. The ``aivmm-sim`` image is :data:`SIM`;
+``scripts/images.py`` adds the agent's and the scheduler's.
 
     python -m sim.image [--docker-host unix:///path/docker.sock] [--tag aivmm-sim] [--quiet]
 """
@@ -39,7 +41,29 @@ PYVER = f"python{sys.version_info.major}.{sys.version_info.minor}"
 SITE = PREFIX / "lib" / PYVER / "site-packages"
 SIM_UID = 65532
 HASH_LABEL = "aivmm.content-hash"
-SERVED_DISTRIBUTIONS = ("aiohttp", "orjson")
+SOURCE_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """What goes into one image besides the interpreter and its standard library."""
+
+    name: str                          # default repository name
+    distributions: tuple[str, ...]     # installed distributions, with what they require
+    packages: tuple[str, ...]          # import packages copied from this source tree
+    entrypoint: tuple[str, ...]        # arguments after the interpreter
+    env: tuple[tuple[str, str], ...] = ()
+    user: tuple[str, int] | None = None  # (name, uid); None runs as root
+    exclude: tuple[str, ...] = ()      # source files left out, relative to the source root
+    healthcheck: tuple[str, ...] = ()  # arguments after the interpreter; exit 0 = healthy
+
+
+SIM = ImageSpec(
+    name="aivmm-sim", distributions=("aiohttp", "orjson"), packages=("sim",),
+    entrypoint=("-m", "sim.main"), env=(("SIM_HOST", "0.0.0.0"), ("SIM_PORT", "8001")),
+    user=("sim", SIM_UID),
+    # The builder itself imports docker, which the image does not carry.
+    exclude=("sim/image.py",))
 
 # Standard-library parts the sim never imports: tests, GUIs, installers, build configs.
 STDLIB_SKIP_DIRS = {
@@ -147,10 +171,10 @@ def distribution_closure(roots: Iterable[str]) -> list[importlib.metadata.Distri
     return [found[k] for k in sorted(found)]
 
 
-def site_entries() -> list[Entry]:
-    """The files of aiohttp's and orjson's distribution closure, plus the ``sim`` package."""
+def site_entries(spec: ImageSpec) -> list[Entry]:
+    """The files of the spec's distribution closure, plus its packages from this tree."""
     entries = []
-    for dist in distribution_closure(SERVED_DISTRIBUTIONS):
+    for dist in distribution_closure(spec.distributions):
         base = Path(str(dist.locate_file("")))
         for rel in dist.files or []:
             parts = PurePosixPath(str(rel)).parts
@@ -162,11 +186,11 @@ def site_entries() -> list[Entry]:
             if source.is_file():
                 entries.append(Entry(SITE / PurePosixPath(str(rel)), source=source,
                                      mode=0o755 if source.suffix == ".so" else 0o644))
-    package = Path(__file__).resolve().parent
-    for source in sorted(package.glob("*.py")):
-        # The builder itself imports docker, which the image does not carry.
-        if source.name != "image.py":
-            entries.append(Entry(SITE / "sim" / source.name, source=source))
+    for package in spec.packages:
+        for source in sorted((SOURCE_ROOT / package).rglob("*.py")):
+            rel = source.relative_to(SOURCE_ROOT).as_posix()
+            if rel not in spec.exclude:
+                entries.append(Entry(SITE / rel, source=source))
     return entries
 
 
@@ -182,11 +206,14 @@ def shared_libraries(elf_files: Iterable[Path]) -> dict[PurePosixPath, Path]:
     return libs
 
 
-def system_entries(libs: dict[PurePosixPath, Path]) -> list[Entry]:
-    """/etc/passwd and /etc/group with a non-root user, and a world-writable /tmp."""
-    passwd = ("root:x:0:0:root:/root:/sbin/nologin\n"
-              f"sim:x:{SIM_UID}:{SIM_UID}:sim:/tmp:/sbin/nologin\n")
-    group = f"root:x:0:\nsim:x:{SIM_UID}:\n"
+def system_entries(libs: dict[PurePosixPath, Path],
+                   user: tuple[str, int] | None = ("sim", SIM_UID)) -> list[Entry]:
+    """/etc/passwd and /etc/group (root, and ``user`` if any), and a world-writable /tmp."""
+    passwd, group = "root:x:0:0:root:/root:/sbin/nologin\n", "root:x:0:\n"
+    if user is not None:
+        name, uid = user
+        passwd += f"{name}:x:{uid}:{uid}:{name}:/tmp:/sbin/nologin\n"
+        group += f"{name}:x:{uid}:\n"
     entries = [
         Entry(PurePosixPath("/etc/passwd"), data=passwd.encode()),
         Entry(PurePosixPath("/etc/group"), data=group.encode()),
@@ -197,12 +224,12 @@ def system_entries(libs: dict[PurePosixPath, Path]) -> list[Entry]:
     return entries
 
 
-def plan() -> tuple[list[Entry], str]:
+def plan(spec: ImageSpec = SIM) -> tuple[list[Entry], str]:
     """Every entry of the image's root file system, and the Dockerfile that assembles it."""
     python = Path(os.path.realpath(sys.executable))
     entries = [Entry(PREFIX / "bin" / PYVER, source=python, mode=0o755)]
     entries += stdlib_entries()
-    entries += site_entries()
+    entries += site_entries(spec)
     elves = [python] + [e.source for e in entries
                         if e.source is not None and e.source.suffix == ".so"]
     libs = shared_libraries(elves)
@@ -214,24 +241,31 @@ def plan() -> tuple[list[Entry], str]:
             moved[PREFIX / "lib" / path.name] = source
         else:
             moved[path] = source
-    entries += system_entries(moved)
+    entries += system_entries(moved, spec.user)
     # A source-built interpreter keeps its debug info (libpython alone: ~20 MB of it); the
     # image does not need it.
     if shutil.which("strip"):
         entries = [dataclasses.replace(e, strip=True) if _is_elf(e) else e for e in entries]
     lib_dirs = sorted({str(p.parent) for p in moved})
     entries.sort(key=lambda e: e.path)
-    dockerfile = "\n".join([
-        "FROM scratch",
-        "COPY rootfs/ /",
-        f"ENV PYTHONHOME={PREFIX} PATH={PREFIX}/bin LD_LIBRARY_PATH={':'.join(lib_dirs)} "
-        "PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 SIM_HOST=0.0.0.0 SIM_PORT=8001",
-        f"USER {SIM_UID}:{SIM_UID}",
-        "WORKDIR /tmp",
-        f'ENTRYPOINT ["{PREFIX}/bin/{PYVER}", "-m", "sim.main"]',
-        "",
-    ])
+    interpreter = f"{PREFIX}/bin/{PYVER}"
+    env = [f"PYTHONHOME={PREFIX}", f"PATH={PREFIX}/bin",
+           f"LD_LIBRARY_PATH={':'.join(lib_dirs)}", "PYTHONDONTWRITEBYTECODE=1",
+           "PYTHONUNBUFFERED=1", *(f"{k}={v}" for k, v in spec.env)]
+    lines = ["FROM scratch", "COPY rootfs/ /", "ENV " + " ".join(env)]
+    if spec.user is not None:
+        lines.append(f"USER {spec.user[1]}:{spec.user[1]}")
+    lines.append("WORKDIR /tmp")
+    if spec.healthcheck:
+        lines.append("HEALTHCHECK --interval=30s --timeout=5s --start-period=30s CMD "
+                     + _json_list([interpreter, *spec.healthcheck]))
+    lines += [f"ENTRYPOINT {_json_list([interpreter, *spec.entrypoint])}", ""]
+    dockerfile = "\n".join(lines)
     return entries, dockerfile
+
+
+def _json_list(args: list[str]) -> str:
+    return "[" + ", ".join(f'"{a}"' for a in args) + "]"
 
 
 def _is_elf(entry: Entry) -> bool:
@@ -290,9 +324,18 @@ def build_image(docker_host: str | None, *, tag: str = "aivmm-sim", quiet: bool 
 
     Returns the content-addressed reference ``{tag}:{hash}``; ``{tag}:latest`` points at it too.
     """
+    return build_spec(docker_host, SIM, tag=tag, quiet=quiet)
+
+
+def build_spec(docker_host: str | None, spec: ImageSpec, *, tag: str | None = None,
+               quiet: bool = False, extra_tags: Iterable[str] = ("latest",)) -> str:
+    """Build (or reuse) ``spec``'s image; returns ``{tag}:{hash}``, also tagged ``extra_tags``."""
+    tag = tag or spec.name
+    extra = tuple(extra_tags)
+
     def say(message: str) -> None:
         if not quiet:
-            print(f"sim-image: {message}", flush=True)
+            print(f"{spec.name}: {message}", flush=True)
 
     started = time.monotonic()
     # Connect first: no engine should fail before any work is done.
@@ -300,7 +343,7 @@ def build_image(docker_host: str | None, *, tag: str = "aivmm-sim", quiet: bool 
               else docker.APIClient(version="auto", **_env_kwargs()))
     try:
         say("collecting the interpreter's closure")
-        entries, dockerfile = plan()
+        entries, dockerfile = plan(spec)
         digest = content_hash(entries, dockerfile)
         size = sum(e.source.stat().st_size if e.source else len(e.data or b"")
                    for e in entries)
@@ -310,7 +353,8 @@ def build_image(docker_host: str | None, *, tag: str = "aivmm-sim", quiet: bool 
         existing = client.images(filters={"label": f"{HASH_LABEL}={digest}"}, quiet=True)
         if existing:
             client.tag(existing[0], tag, digest)
-            client.tag(existing[0], tag, "latest")
+            for name in extra:
+                client.tag(existing[0], tag, name)
             say(f"{reference} is up to date ({existing[0][:19]}): nothing to build")
             return reference
         with tempfile.TemporaryFile() as context:
@@ -329,7 +373,8 @@ def build_image(docker_host: str | None, *, tag: str = "aivmm-sim", quiet: bool 
                 if "aux" in event and "ID" in event["aux"]:
                     image_id = event["aux"]["ID"]
         image_id = image_id or client.inspect_image(reference)["Id"]
-        client.tag(image_id, tag, "latest")
+        for name in extra:
+            client.tag(image_id, tag, name)
         say(f"built {reference} ({image_id[:19]}) in {time.monotonic() - started:.1f}s")
         return reference
     finally:
