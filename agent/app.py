@@ -21,6 +21,7 @@ from prometheus_client import CollectorRegistry
 
 from agent.config import AgentConfig
 from agent.docker.client import DockerAdapter
+from agent.drain import follow_drain
 from agent.health.heartbeat import Heartbeat
 from agent.metrics import AgentMetrics
 from agent.supervisor import Supervisor
@@ -132,8 +133,10 @@ def build_app(config: AgentConfig, *, inventory: Any = None, docker: DockerAdapt
         app[HEARTBEAT] = beat
         sup.on_change = beat.poke
         app[GUARD].spawn("heartbeat", beat.run())
+        app[GUARD].spawn("drain-watch", follow_drain(app[STORE], Keys(config.etcd_prefix),
+                                                     config.node_name, sup.set_drained))
         yield
-        await app[GUARD].cancel("heartbeat")
+        await app[GUARD].cancel("drain-watch", "heartbeat")
         await beat.revoke()
         if own:
             await app[STORE].close()

@@ -149,6 +149,7 @@ class Supervisor:
         self.status: dict[str, BackendStatus] = {
             b.name: BackendStatus(b, RestartBackoff(clock)) for b in config.backend}
         self.activity = "starting"
+        self.drained: str | None = None  # why, while an operator has drained this node
 
     # -- what the heartbeat and /v1/state read -------------------------------------------------
 
@@ -191,8 +192,23 @@ class Supervisor:
 
     # -- reconciliation -------------------------------------------------------------------------
 
+    def set_drained(self, reason: str | None) -> None:
+        """Stop every backend (``reason``), or run them again (None); reconciles at once."""
+        if reason == self.drained:
+            return
+        log.info("drain" if reason else "undrain", extra={"reason": reason or ""})
+        self.drained = reason
+        for s in self.status.values():
+            s.not_before = 0.0  # an undrained backend starts now, not after an old backoff
+        self.wake()
+
     def desired(self) -> dict[str, ContainerSpec]:
         """The specs the config asks for; a backend that cannot be placed gets its error."""
+        if self.drained is not None:
+            # Nothing desired: plan() removes every container; the records stay, stopped.
+            for s in self.status.values():
+                self._set(s, "stopped", self.drained)
+            return {}
         gpus, offerable = self._gpus()
         placements = place(self.config.backend, gpus, offerable)
         specs: dict[str, ContainerSpec] = {}
@@ -227,6 +243,10 @@ class Supervisor:
             log.info("removing container", extra={"backend": action.backend,
                                                   "container": action.container.id[:12]})
             await self.docker.remove(action.container.id)
+            gone = self.status.get(action.backend)
+            if gone is not None and gone.container_id == action.container.id:
+                gone.container_id = None
+                self._changed()
             return
         s = self.status[action.backend]
         if isinstance(action, Adopt):

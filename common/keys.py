@@ -21,6 +21,15 @@ class Keys:
         """Prefix of every backend record (ends with ``/``)."""
         return f"{self.prefix}/backends/"
 
+    @property
+    def drains(self) -> str:
+        """Prefix of every drain request (ends with ``/``)."""
+        return f"{self.prefix}/drain/"
+
+    def drain(self, node: str) -> str:
+        """The key whose presence tells ``node``'s agent to stop its backends."""
+        return f"{self.prefix}/drain/{node}"
+
     def node(self, node: str) -> str:
         return f"{self.prefix}/nodes/{node}"
 

@@ -91,6 +91,17 @@ class BackendRecord:
     schema: int = SCHEMA
 
 
+@dataclass(slots=True)
+class DrainRecord:
+    """``{prefix}/drain/{node}``: an operator asks that node's agent to stop its backends
+    until the key is deleted (``aivmmctl drain`` / ``undrain``). Not bound to a lease."""
+
+    node: str
+    requested_at: float
+    reason: str | None = None
+    schema: int = SCHEMA
+
+
 # -- reading -----------------------------------------------------------------------------------
 
 Check = Callable[[Any], Any]
@@ -217,7 +228,17 @@ def parse_backend(raw: bytes | str) -> BackendRecord:
     return _parse(raw, BackendRecord, _BACKEND)
 
 
-def dump(record: NodeRecord | BackendRecord) -> bytes:
+_DRAIN: dict[str, Check] = {
+    "node": _str, "requested_at": _num, "reason": _opt(_str), "schema": _int,
+}
+
+
+def parse_drain(raw: bytes | str) -> DrainRecord:
+    """Read a drain request; raises RecordError with the reason when it is unusable."""
+    return _parse(raw, DrainRecord, _DRAIN)
+
+
+def dump(record: NodeRecord | BackendRecord | DrainRecord) -> bytes:
     """Serialise a record to the UTF-8 JSON stored in etcd."""
     return orjson.dumps(record)
 

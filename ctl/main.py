@@ -13,7 +13,15 @@ from typing import Any
 import orjson
 
 from common.keys import Keys
-from common.records import BackendRecord, NodeRecord, RecordError, parse_backend, parse_node
+from common.records import (
+    BackendRecord,
+    DrainRecord,
+    NodeRecord,
+    RecordError,
+    dump,
+    parse_backend,
+    parse_node,
+)
 from common.store import EtcdStore, StoreUnavailable
 
 EXIT_UNREACHABLE = 1
@@ -36,13 +44,16 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 
 def render(nodes: list[NodeRecord], backends: list[BackendRecord], skipped: int,
-           now: float) -> str:
+           now: float, drained: Sequence[str] = ()) -> str:
     """The human-readable status: nodes, GPUs, backends."""
     out = [f"NODES ({len(nodes)})"]
     out.append(table(
-        ["NODE", "GPUS", "AGENT", "HEARTBEAT"],
-        [[n.node, str(len(n.gpus)), n.agent_version, f"{max(0.0, now - n.heartbeat_at):.0f}s ago"]
-         for n in nodes]))
+        ["NODE", "GPUS", "AGENT", "HEARTBEAT", ""],
+        [[n.node, str(len(n.gpus)), n.agent_version, f"{max(0.0, now - n.heartbeat_at):.0f}s ago",
+          "drained" if n.node in drained else ""] for n in nodes]))
+    gone = [d for d in drained if d not in {n.node for n in nodes}]
+    if gone:
+        out.append(f"drained, not running: {', '.join(gone)}")
     gpu_rows = [
         [n.node, str(g.index), g.vendor, g.name, f"{_gib(g.memory_used_bytes)}/"
          f"{_gib(g.memory_total_bytes)}", _num(None if g.utilization is None
@@ -53,31 +64,19 @@ def render(nodes: list[NodeRecord], backends: list[BackendRecord], skipped: int,
     out += ["", f"GPUS ({len(gpu_rows)})",
             table(["NODE", "IDX", "VENDOR", "NAME", "MEM GiB", "UTIL", "TEMP", "POWER", ""],
                   gpu_rows)]
-    backend_rows = []
-    for b in backends:
-        load = "-"
-        if b.load is not None:
-            load = f"run {_num(b.load.running)} wait {_num(b.load.waiting)}"
-        backend_rows.append([
-            f"{b.node}/{b.name}", ",".join(b.models), b.state, b.engine,
-            _num(b.probe_latency_ms, "{:.1f}ms"), load, b.url, b.error or ""])
-    out += ["", f"BACKENDS ({len(backends)})",
-            table(["BACKEND", "MODELS", "STATE", "ENGINE", "LATENCY", "LOAD", "URL", "ERROR"],
-                  backend_rows)]
+    out += ["", f"BACKENDS ({len(backends)})", render_backends(backends)]
     if skipped:
         out += ["", f"warning: {skipped} record(s) could not be parsed and were skipped"]
     return "\n".join(out)
 
 
 async def fetch(endpoints: list[str], prefix: str, deadline: float) -> dict[str, Any]:
+    """Nodes, backends and drain requests as etcd has them now."""
     keys = Keys(prefix)
-    store = EtcdStore(endpoints, timeout=deadline)
-    try:
-        await store.connect()
+    async with EtcdStore(endpoints, timeout=deadline) as store:
         node_snap = await store.get_prefix(keys.nodes)
         backend_snap = await store.get_prefix(keys.backends)
-    finally:
-        await store.close()
+        drain_snap = await store.get_prefix(keys.drains)
     nodes, backends, skipped = [], [], 0
     for kv in node_snap.items:
         try:
@@ -89,31 +88,119 @@ async def fetch(endpoints: list[str], prefix: str, deadline: float) -> dict[str,
             backends.append(parse_backend(kv.value))
         except RecordError:
             skipped += 1
-    return {"nodes": nodes, "backends": backends, "skipped": skipped}
+    drained = sorted(kv.key.removeprefix(keys.drains) for kv in drain_snap.items)
+    return {"nodes": nodes, "backends": backends, "drained": drained, "skipped": skipped}
+
+
+def render_backends(backends: list[BackendRecord]) -> str:
+    """One line per backend: state, model, latency, engine queue."""
+    rows = []
+    for b in backends:
+        load = "-"
+        if b.load is not None:
+            load = f"run {_num(b.load.running)} wait {_num(b.load.waiting)}"
+        rows.append([f"{b.node}/{b.name}", ",".join(b.models), b.state, b.engine,
+                     _num(b.probe_latency_ms, "{:.1f}ms"), load, b.url, b.error or ""])
+    return table(["BACKEND", "MODELS", "STATE", "ENGINE", "LATENCY", "LOAD", "URL", "ERROR"],
+                 rows)
+
+
+def file_sd(nodes: list[NodeRecord]) -> list[dict[str, Any]]:
+    """Prometheus file_sd targets for the agents, from the ``agent_url`` of node records."""
+    groups = []
+    for n in sorted(nodes, key=lambda n: n.node):
+        if not n.agent_url:
+            continue
+        target = n.agent_url.split("://", 1)[-1].rstrip("/")
+        groups.append({"targets": [target], "labels": {"node": n.node}})
+    return groups
+
+
+async def set_drain(endpoints: list[str], prefix: str, deadline: float, node: str,
+                    reason: str | None) -> bool:
+    """Write (reason given) or delete the drain key; True when the node has a record."""
+    keys = Keys(prefix)
+    async with EtcdStore(endpoints, timeout=deadline) as store:
+        known = await store.get(keys.node(node)) is not None
+        if reason is None:
+            await store.delete(keys.drain(node))
+        else:
+            record = DrainRecord(node=node, requested_at=time.time(), reason=reason or None)
+            await store.put(keys.drain(node), dump(record))
+    return known
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="aivmmctl", description="Inspect and steer an aivmm cluster.")
+    p.add_argument("--etcd", default=os.environ.get("AIVMM_ETCD", "http://127.0.0.1:2379"),
+                   metavar="URL[,URL...]", help="etcd endpoints (env AIVMM_ETCD)")
+    p.add_argument("--prefix", default=os.environ.get("AIVMM_ETCD_PREFIX", "/aivmm/v1"),
+                   help="etcd key prefix (env AIVMM_ETCD_PREFIX)")
+    p.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for etcd")
+    verbs = p.add_subparsers(dest="verb", required=True)
+    status = verbs.add_parser("status", help="nodes, GPUs and backends")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    backends = verbs.add_parser("backends", help="backends, optionally of one model")
+    backends.add_argument("--model", help="only the backends serving this model")
+    backends.add_argument("--json", action="store_true", help="machine-readable output")
+    drain = verbs.add_parser("drain", help="stop a node's backends until undrained")
+    drain.add_argument("node")
+    drain.add_argument("--reason", default="", help="shown in the backends' error")
+    undrain = verbs.add_parser("undrain", help="let a drained node run its backends again")
+    undrain.add_argument("node")
+    targets = verbs.add_parser("prometheus-targets",
+                               help="Prometheus file_sd JSON of every agent, from etcd")
+    targets.add_argument("--output", "-o", help="file to write (atomically); default stdout")
+    return p
+
+
+def _json(value: Any) -> str:
+    return orjson.dumps(value, option=orjson.OPT_INDENT_2).decode() + "\n"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="aivmmctl", description="Inspect an aivmm cluster.")
-    parser.add_argument("--etcd", default=os.environ.get("AIVMM_ETCD", "http://127.0.0.1:2379"),
-                        metavar="URL[,URL...]", help="etcd endpoints (env AIVMM_ETCD)")
-    parser.add_argument("--prefix", default=os.environ.get("AIVMM_ETCD_PREFIX", "/aivmm/v1"),
-                        help="etcd key prefix (env AIVMM_ETCD_PREFIX)")
-    parser.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for etcd")
-    verbs = parser.add_subparsers(dest="verb", required=True)
-    status = verbs.add_parser("status", help="nodes, GPUs and backends")
-    status.add_argument("--json", action="store_true", help="machine-readable output")
-    args = parser.parse_args(argv)
-
+    args = parser().parse_args(argv)
     endpoints = [u.strip() for u in args.etcd.split(",") if u.strip()]
     try:
+        if args.verb in ("drain", "undrain"):
+            known = asyncio.run(set_drain(endpoints, args.prefix, args.timeout, args.node,
+                                          args.reason if args.verb == "drain" else None))
+            done = ("drained: its agent stops its backends until 'aivmmctl undrain "
+                    f"{args.node}'" if args.verb == "drain"
+                    else "undrained: its agent starts its backends again")
+            print(f"{args.node} {done}")
+            if not known:
+                print(f"aivmmctl: note: no node {args.node!r} is registered now; its agent "
+                      "will follow this when it starts", file=sys.stderr)
+            return 0
         view = asyncio.run(fetch(endpoints, args.prefix, args.timeout))
     except StoreUnavailable:
         print(f"aivmmctl: cannot reach etcd at {', '.join(endpoints)}", file=sys.stderr)
         return EXIT_UNREACHABLE
+    if args.verb == "prometheus-targets":
+        text = _json(file_sd(view["nodes"]))
+        if args.output:
+            tmp = f"{args.output}.tmp"
+            with open(tmp, "w") as f:
+                f.write(text)
+            os.replace(tmp, args.output)  # Prometheus never reads a half-written file
+        else:
+            sys.stdout.write(text)
+        return 0
+    if args.verb == "backends":
+        chosen = [b for b in view["backends"] if args.model is None or args.model in b.models]
+        if args.json:
+            sys.stdout.write(_json(chosen))
+        elif not chosen and args.model:
+            print(f"no backend serves {args.model!r}")
+        else:
+            print(render_backends(chosen))
+        return 0
     if args.json:
-        sys.stdout.write(orjson.dumps(view, option=orjson.OPT_INDENT_2).decode() + "\n")
+        sys.stdout.write(_json(view))
     else:
-        print(render(view["nodes"], view["backends"], view["skipped"], time.time()))
+        print(render(view["nodes"], view["backends"], view["skipped"], time.time(),
+                     view["drained"]))
     return 0
 
 
