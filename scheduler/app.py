@@ -6,7 +6,6 @@ State lives in AppKeys; the etcd watch runs in a cleanup_ctx as a guarded eterna
 from __future__ import annotations
 
 import asyncio
-import html
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -20,6 +19,7 @@ from common.metrics import REGISTRY, handle_metrics
 from common.sdnotify import Notifier, notify_loop
 from common.store import EtcdStore
 from common.tasks import GUARD, Guard
+from scheduler import status
 from scheduler.auth import Authenticator, read_keys_file
 from scheduler.budget import RetryBudget
 from scheduler.config import SchedulerConfig
@@ -36,6 +36,9 @@ REGISTRY_VIEW: web.AppKey[Registry] = web.AppKey("registry", Registry)
 AUTH: web.AppKey[Authenticator] = web.AppKey("auth", Authenticator)
 METRICS: web.AppKey[SchedulerMetrics] = web.AppKey("metrics", SchedulerMetrics)
 STORE: web.AppKey[Any] = web.AppKey("store", object)
+FAILOVERS: web.AppKey[status.FailoverLog] = web.AppKey("failovers", status.FailoverLog)
+RATES: web.AppKey[status.RequestRates] = web.AppKey("rates", status.RequestRates)
+ETCD_VIEW: web.AppKey[status.EtcdView] = web.AppKey("etcd_view", status.EtcdView)
 NOTIFIER: web.AppKey[Notifier] = web.AppKey("notifier", Notifier)
 
 OPENAI_POST_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
@@ -113,24 +116,34 @@ async def handle_metrics_fresh(request: web.Request) -> web.Response:
 
 
 async def handle_status(request: web.Request) -> web.Response:
-    """GET /: a plain table of the backends as this replica sees them."""
+    """GET /: the status page; it holds no data (that is /v1/cluster), so needs no key."""
+    return web.Response(text=status.PAGE, content_type="text/html",
+                        headers={"Cache-Control": "no-cache"})
+
+
+async def handle_cluster(request: web.Request) -> web.Response:
+    """GET /v1/cluster: nodes, GPUs, backends, rates and recent failovers, as JSON."""
     app = request.app
-    if not app[AUTH].allows(request.headers.get("Authorization")):
+    if not app[CONFIG].status_page_public and \
+            not app[AUTH].allows(request.headers.get("Authorization")):
         return _unauthorized()
-    now = time.monotonic()
-    rows = []
-    for b in sorted(app[ROUTER].backends.values(), key=lambda x: x.key):
-        state = ("ejected" if b.ejection.ejected(now) else "ready") if b.ready else "not ready"
-        rows.append("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in (
-            b.key, ", ".join(b.models), b.url, state, f"{b.latency(now) * 1000:.1f}",
-            b.inflight, b.waiting)) + "</tr>")
-    etcd = "connected" if etcd_connected(app) else "disconnected (routing on last view)"
-    page = (
-        "<!doctype html><title>aivmm scheduler</title><h1>aivmm scheduler</h1>"
-        f"<p>etcd: {etcd}</p><table border=1><tr><th>backend</th><th>models</th><th>url</th>"
-        "<th>state</th><th>latency ms</th><th>in flight</th><th>engine queue</th></tr>"
-        + "".join(rows) + "</table>")
-    return web.Response(text=page, content_type="text/html")
+    view = app[ETCD_VIEW]
+    await view.refresh(app.get(STORE))
+    body = status.cluster(app[ROUTER], view, app[RATES].rates(), app[FAILOVERS],
+                          etcd_connected=etcd_connected(app), now=time.monotonic())
+    return web.Response(body=orjson.dumps(body), content_type="application/json",
+                        headers={"Cache-Control": "no-store"})
+
+
+def request_totals(metrics: SchedulerMetrics) -> dict[tuple[str, str], float]:
+    """The request counter summed over status, by (model, backend)."""
+    totals: dict[tuple[str, str], float] = {}
+    for family in metrics.requests.collect():
+        for sample in family.samples:
+            if sample.name.endswith("_total"):
+                key = (sample.labels["model"], sample.labels["backend"])
+                totals[key] = totals.get(key, 0.0) + sample.value
+    return totals
 
 
 async def _proxy_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -203,6 +216,10 @@ def build_app(config: SchedulerConfig, store: Any = None, *, router: Router | No
     app[REGISTRY_VIEW] = registry
     app[AUTH] = Authenticator(keys)
     app[METRICS] = metrics
+    app[FAILOVERS] = status.FailoverLog()
+    proxy.on_failover = app[FAILOVERS].add
+    app[RATES] = status.RequestRates(lambda: request_totals(metrics))
+    app[ETCD_VIEW] = status.EtcdView(Keys(config.etcd_prefix))
     app[REGISTRY] = metrics.registry
     app[NOTIFIER] = notifier or Notifier()
     app[LISTENING] = asyncio.Event()
@@ -217,6 +234,7 @@ def build_app(config: SchedulerConfig, store: Any = None, *, router: Router | No
     app.router.add_get("/readyz", handle_readyz)
     app.router.add_get("/metrics", handle_metrics_fresh)
     app.router.add_get("/", handle_status)
+    app.router.add_get("/v1/cluster", handle_cluster)
     app.cleanup_ctx.append(_proxy_ctx)
     app.cleanup_ctx.append(_watch_ctx)
     # Last, so that on the way out STOPPING=1 goes first.

@@ -26,6 +26,8 @@ class SchedulerConfig(DaemonConfig):
     # Plain keys or "sha256:<hex>" digests; none at all means no authentication.
     api_keys: list[str] = setting([], check=_keys)
     api_keys_file: str | None = setting(None)
+    # GET /v1/cluster (the status page's data) without a key even when keys are configured.
+    status_page_public: bool = setting(False)
     max_body_bytes: int = setting(16 * 1024 * 1024, check=positive)
     request_timeout: float = setting(600.0, check=positive)
     connect_timeout: float = setting(3.0, check=positive)

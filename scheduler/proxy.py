@@ -86,6 +86,8 @@ class Proxy:
                                               if settings.strip_authorization else frozenset())
         # prometheus label lookups take a lock and build tuples; cache the children.
         self._req_children: dict[tuple[str, str, int], object] = {}
+        # (model, backend, reason) of each failover, for the status page's recent list.
+        self.on_failover: Callable[[str, str, str], None] = lambda *_: None
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -118,6 +120,7 @@ class Proxy:
 
     def _fail(self, b: Backend, model: str, err: _Failed, now: float) -> None:
         self.metrics.failovers.labels(model, b.key, err.reason).inc()
+        self.on_failover(model, b.key, err.reason)
         self._failure(b, now, err.reason, refused=err.refused)
 
     def _failure(self, b: Backend, now: float, reason: str, refused: bool = False) -> None:

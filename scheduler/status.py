@@ -1,0 +1,272 @@
+"""The status page (``GET /``) and its data (``GET /v1/cluster``).
+
+The page is a fixed HTML document with inline CSS and JS and no data of its own, so it is
+served without a key; it polls ``/v1/cluster`` every 2 s. The JSON combines etcd's view
+(nodes and their GPUs, backend records, read on demand and cached for a few seconds, so a
+page left open costs etcd one read per cache period) with this replica's own figures: its
+latency estimates, in-flight counts, ejections, request rates and recent failovers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from common.keys import Keys
+from common.records import RecordError, parse_backend, parse_node, to_dict
+from scheduler.routing import Router
+
+log = logging.getLogger(__name__)
+
+ETCD_CACHE_S = 3.0
+RATE_WINDOW_S = 30.0
+ETCD_READ_S = 2.0  # a status read never waits on etcd longer than this
+
+
+@dataclass(frozen=True, slots=True)
+class Failover:
+    at: float  # Unix seconds
+    model: str
+    backend: str
+    reason: str
+
+
+class FailoverLog:
+    """The last few failovers of this replica, newest last (a bounded ring)."""
+
+    def __init__(self, size: int = 50) -> None:
+        self.items: collections.deque[Failover] = collections.deque(maxlen=size)
+
+    def add(self, model: str, backend: str, reason: str) -> None:
+        self.items.append(Failover(time.time(), model, backend, reason))
+
+
+class RequestRates:
+    """Requests per second from snapshots of the request counter, taken when asked.
+
+    ``totals`` gives the counter's current values by (model, backend); the rate is the
+    difference to the oldest snapshot within the window (or the newest one before it, when
+    nobody looked for a while), so no per-request work is added.
+    """
+
+    def __init__(self, totals: Callable[[], dict[tuple[str, str], float]],
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._totals = totals
+        self._clock = clock
+        self._snaps: collections.deque[tuple[float, dict[tuple[str, str], float]]] = \
+            collections.deque(maxlen=64)
+        # The counters start at zero with the app, so requests served before anyone
+        # looked still count.
+        self._snaps.append((clock(), {}))
+
+    def rates(self) -> dict[tuple[str, str], float] | None:
+        """Per (model, backend) requests/s over up to RATE_WINDOW_S; None until 1 s known."""
+        now = self._clock()
+        current = self._totals()
+        if not self._snaps or now - self._snaps[-1][0] >= 1.0:
+            self._snaps.append((now, current))
+        while len(self._snaps) > 1 and now - self._snaps[1][0] >= RATE_WINDOW_S:
+            self._snaps.popleft()
+        then, old = self._snaps[0]
+        if now - then < 1.0:
+            return None
+        return {k: max(0.0, v - old.get(k, 0.0)) / (now - then) for k, v in current.items()}
+
+
+class Store(Protocol):
+    async def get_prefix(self, prefix: str) -> Any: ...
+
+
+@dataclass(slots=True)
+class EtcdView:
+    """Node and backend records read from etcd on demand, cached for ETCD_CACHE_S."""
+
+    keys: Keys
+    read_at: float = 0.0  # monotonic
+    nodes: list[dict[str, Any]] = field(default_factory=list)
+    backends: dict[str, dict[str, Any]] = field(default_factory=dict)
+    error: str | None = None
+    _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    async def refresh(self, store: Store | None) -> None:
+        """Re-read etcd when the cache is older than ETCD_CACHE_S; keep the view on errors."""
+        async with self._lock:
+            if store is None or time.monotonic() - self.read_at < ETCD_CACHE_S:
+                return
+            try:
+                nodes, backends = await asyncio.wait_for(asyncio.gather(
+                    store.get_prefix(self.keys.nodes), store.get_prefix(self.keys.backends)),
+                    ETCD_READ_S)
+            except Exception as err:  # an etcd outage: keep the last view, say so
+                self.error = str(err) or type(err).__name__
+                self.read_at = time.monotonic()
+                return
+            self.error = None
+            self.read_at = time.monotonic()
+            self.nodes = []
+            for kv in nodes.items:
+                try:
+                    self.nodes.append(to_dict(parse_node(kv.value)))
+                except RecordError:
+                    continue
+            self.backends = {}
+            for kv in backends.items:
+                try:
+                    b = parse_backend(kv.value)
+                except RecordError:
+                    continue
+                self.backends[f"{b.node}/{b.name}"] = to_dict(b)
+
+
+def cluster(router: Router, view: EtcdView, rates: dict[tuple[str, str], float] | None,
+            failovers: FailoverLog, *, etcd_connected: bool, now: float) -> dict[str, Any]:
+    """The JSON behind the status page (a pure function of the replica's state)."""
+    per_backend: dict[str, float] = collections.defaultdict(float)
+    per_model: dict[str, float] = collections.defaultdict(float)
+    for (model, backend), r in (rates or {}).items():
+        per_backend[backend] += r
+        per_model[model] += r
+    backends = []
+    for b in sorted(router.backends.values(), key=lambda x: x.key):
+        record = view.backends.get(b.key, {})
+        state = record.get("state", "ready" if b.ready else "not ready")
+        if b.ready and b.ejection.ejected(now):
+            state = "ejected"
+        backends.append({
+            "key": b.key, "node": b.node, "name": b.name, "models": list(b.models),
+            "url": b.url, "state": state, "engine": record.get("engine"),
+            "error": record.get("error"),
+            "latency_ms": round(b.latency(now) * 1000, 2),
+            "probe_latency_ms": record.get("probe_latency_ms"),
+            "inflight": b.inflight, "waiting": b.waiting,
+            "rate": None if rates is None else round(per_backend.get(b.key, 0.0), 3)})
+    return {
+        "etcd": {"connected": etcd_connected, "error": view.error},
+        "nodes": view.nodes,
+        "backends": backends,
+        "models": {m: None if rates is None else round(per_model.get(m, 0.0), 3)
+                   for m in sorted({m for b in backends for m in b["models"]} | set(per_model))},
+        "request_rate": None if rates is None else round(sum(per_model.values()), 3),
+        "failovers": [{"at": f.at, "model": f.model, "backend": f.backend, "reason": f.reason}
+                      for f in reversed(failovers.items)],
+        "generated_at": time.time(),
+    }
+
+
+PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>aivmm cluster</title>
+<style>
+:root{--bg:#0f1419;--panel:#182029;--line:#2a3440;--fg:#e6edf3;--dim:#8b98a5;
+--ok:#3fb950;--warn:#d29922;--bad:#f85149;--info:#58a6ff}
+*{box-sizing:border-box}body{margin:0;font:14px/1.4 system-ui,-apple-system,"Segoe UI",
+Roboto,sans-serif;background:var(--bg);color:var(--fg)}
+header{display:flex;align-items:center;gap:16px;padding:14px 24px;border-bottom:1px solid
+var(--line)}h1{font-size:18px;margin:0}h2{font-size:13px;text-transform:uppercase;
+letter-spacing:.06em;color:var(--dim);margin:0 0 8px}
+main{padding:16px 24px;display:grid;gap:16px}
+.cards{display:grid;grid-template-columns:repeat(auto-fit,minmax(150px,1fr));gap:12px}
+.card{background:var(--panel);border:1px solid var(--line);border-radius:8px;padding:10px 14px}
+.card b{display:block;font-size:24px}.card span{color:var(--dim);font-size:12px}
+section{background:var(--panel);border:1px solid var(--line);border-radius:8px;padding:12px}
+table{width:100%;border-collapse:collapse}th,td{text-align:left;padding:5px 8px;
+border-bottom:1px solid var(--line);white-space:nowrap}th{color:var(--dim);font-weight:500;
+font-size:12px}td.num{text-align:right;font-variant-numeric:tabular-nums}
+.pill{display:inline-block;padding:1px 8px;border-radius:10px;font-size:12px;font-weight:600}
+.ready,.connected{background:#1f3d2a;color:var(--ok)}.starting{background:#1c2f45;
+color:var(--info)}.unhealthy,.ejected{background:#3d2f12;color:var(--warn)}
+.stopped,.disconnected,.not-ready{background:#42191b;color:var(--bad)}
+.bar{display:inline-block;width:80px;height:8px;background:var(--line);border-radius:4px;
+vertical-align:middle;margin-right:6px;overflow:hidden}.bar i{display:block;height:100%;
+background:var(--info)}.dim{color:var(--dim)}#updated{margin-left:auto;color:var(--dim)}
+.err{color:var(--bad)}
+</style></head><body>
+<header><h1>aivmm</h1><span id="etcd" class="pill">…</span><span id="updated">loading…</span>
+</header>
+<main>
+<div class="cards" id="cards"></div>
+<section><h2>Nodes and GPUs</h2><table id="gpus"><thead><tr><th>node</th><th>gpu</th>
+<th>name</th><th>memory</th><th>utilisation</th><th>temp</th><th>power</th></tr></thead>
+<tbody></tbody></table></section>
+<section><h2>Backends</h2><table id="backends"><thead><tr><th>backend</th><th>model</th>
+<th>state</th><th>engine</th><th class="num">latency ms</th><th class="num">probe ms</th>
+<th class="num">in flight</th><th class="num">queued</th><th class="num">req/s</th>
+<th>error</th></tr></thead><tbody></tbody></table></section>
+<section><h2>Recent failovers</h2><table id="failovers"><thead><tr><th>when</th><th>model</th>
+<th>failed backend</th><th>reason</th></tr></thead><tbody></tbody></table></section>
+</main>
+<script>
+"use strict";
+const $ = (s) => document.querySelector(s);
+const esc = (v) => String(v ?? "").replace(/[&<>"']/g,
+  (c) => ({"&":"&amp;","<":"&lt;",">":"&gt;",'"':"&quot;","'":"&#39;"}[c]));
+const num = (v, d = 0) => v == null ? "-" : Number(v).toFixed(d);
+const unit = (v, u) => v == null ? "-" : Number(v).toFixed(0) + u;
+const gib = (b) => b == null ? "-" : (b / 2 ** 30).toFixed(1);
+const pill = (s) => `<span class="pill ${esc(String(s).replace(" ", "-"))}">${esc(s)}</span>`;
+function bar(ratio) {
+  if (ratio == null) return "-";
+  const pct = Math.max(0, Math.min(1, ratio)) * 100;
+  return `<span class="bar"><i style="width:${pct}%"></i></span>${pct.toFixed(0)}%`;
+}
+function rows(sel, list, fn, empty) {
+  $(sel + " tbody").innerHTML = list.length ? list.map(fn).join("")
+    : `<tr><td colspan="10" class="dim">${empty}</td></tr>`;
+}
+function render(c) {
+  const ready = c.backends.filter((b) => b.state === "ready").length;
+  const gpus = c.nodes.flatMap((n) => n.gpus.map((g) => ({node: n.node, ...g})));
+  $("#etcd").className = "pill " + (c.etcd.connected ? "connected" : "disconnected");
+  $("#etcd").textContent = "etcd " + (c.etcd.connected ? "connected" : "disconnected");
+  $("#cards").innerHTML = [
+    [c.nodes.length, "nodes"], [gpus.length, "GPUs"],
+    [`${ready}/${c.backends.length}`, "backends ready"],
+    [Object.keys(c.models).length, "models"],
+    [c.request_rate == null ? "-" : num(c.request_rate, 1), "requests/s (this replica)"],
+    [c.failovers.length, "recent failovers"],
+  ].map(([v, l]) => `<div class="card"><b>${esc(v)}</b><span>${l}</span></div>`).join("");
+  rows("#gpus", gpus, (g) => `<tr><td>${esc(g.node)}</td><td>${esc(g.index)}
+    ${esc(g.vendor)}</td><td>${esc(g.name)}</td>
+    <td>${gib(g.memory_used_bytes)} / ${gib(g.memory_total_bytes)} GiB</td>
+    <td>${bar(g.utilization)}</td><td>${unit(g.temperature_c, " °C")}</td>
+    <td>${unit(g.power_w, " W")}</td></tr>`, "no GPUs reported");
+  rows("#backends", c.backends, (b) => `<tr><td>${esc(b.key)}</td>
+    <td>${esc(b.models.join(", "))}</td><td>${pill(b.state)}</td><td>${esc(b.engine)}</td>
+    <td class="num">${num(b.latency_ms, 1)}</td><td class="num">${num(b.probe_latency_ms, 1)}</td>
+    <td class="num">${b.inflight}</td><td class="num">${b.waiting}</td>
+    <td class="num">${num(b.rate, 2)}</td><td class="err">${esc(b.error)}</td></tr>`,
+    "no backends registered");
+  rows("#failovers", c.failovers.slice(0, 15), (f) => `<tr>
+    <td>${esc(new Date(f.at * 1000).toLocaleTimeString())}</td><td>${esc(f.model)}</td>
+    <td>${esc(f.backend)}</td><td>${esc(f.reason)}</td></tr>`, "none recently");
+  $("#updated").textContent = "updated " + new Date(c.generated_at * 1000).toLocaleTimeString()
+    + (c.etcd.error ? " · etcd: " + c.etcd.error : "");
+}
+async function tick() {
+  try {
+    const headers = {};
+    const key = localStorage.getItem("aivmm-key");
+    if (key) headers.Authorization = "Bearer " + key;
+    const r = await fetch("v1/cluster", {headers, cache: "no-store"});
+    if (r.status === 401) {
+      const k = prompt("API key for this scheduler");
+      if (k) localStorage.setItem("aivmm-key", k);
+    } else if (r.ok) {
+      render(await r.json());
+    } else {
+      $("#updated").textContent = "error " + r.status;
+    }
+  } catch (e) {
+    $("#updated").textContent = "scheduler unreachable";
+  }
+  setTimeout(tick, 2000);
+}
+tick();
+</script></body></html>
+"""
