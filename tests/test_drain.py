@@ -74,7 +74,8 @@ async def test_drain_stops_the_nodes_backends_and_undrain_brings_them_back(
 
 
 @pytest.mark.docker
-async def test_an_agent_started_on_a_drained_node_runs_nothing(fleet: Fleet) -> None:
+async def test_an_agent_started_on_a_drained_node_ends_with_nothing_running(
+        fleet: Fleet) -> None:
     assert (await asyncio.to_thread(ctl, fleet, "drain", fleet.node)).returncode == 0
     fleet.agent(fleet.config([{"name": "s1", "model": "m1", "engine": "sim",
                                "port": free_port()}]))
