@@ -96,6 +96,7 @@ class SchedulerProcess:
                 "log_level": "info", **settings}
         self.config = write_config(tmp / f"{name}.toml", base, [])
         self.log = tmp / f"{name}.log"
+        self.api_key = (settings.get("api_keys") or ["none"])[0]
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> SchedulerProcess:
@@ -110,7 +111,9 @@ class SchedulerProcess:
     def models(self) -> list[str]:
         import json
 
-        with urllib.request.urlopen(self.url + "/v1/models", timeout=2) as resp:
+        request = urllib.request.Request(self.url + "/v1/models",
+                                         headers={"Authorization": f"Bearer {self.api_key}"})
+        with urllib.request.urlopen(request, timeout=2) as resp:
             return [m["id"] for m in json.loads(resp.read())["data"]]
 
     def wait_serving(self, within: float = 30) -> None:
