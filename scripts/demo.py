@@ -2,9 +2,11 @@
 
 ``up`` starts (or reuses) etcd and a Docker engine, builds the sim image, starts two agents as
 two nodes (``demo-a`` and ``demo-b``, each running one sim backend of the same model with a
-different latency) and one scheduler, waits until both backends are ready, then sends a chat
-completion and a streamed one through the scheduler with the ``openai`` package. The cluster
-keeps running; ``down`` stops everything ``up`` started and removes its containers.
+different latency; ``demo-a`` reports two AMD GPUs and ``demo-b`` an Intel Arc from fake sysfs
+trees, see docs/cluster.md) and one scheduler, waits until both backends are ready, then
+sends a chat completion and a streamed one through the scheduler with the ``openai`` package,
+and shows ``aivmmctl status``. The cluster keeps running; ``down`` stops everything ``up``
+started and removes its containers.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import argparse
 import asyncio
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,6 +25,7 @@ from typing import Any
 
 import orjson
 
+from tests.gpu_trees import SysfsTree
 from tests.services import DockerEngine, EtcdServer, docker_answers, etcd_answers, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,6 +41,21 @@ NODES = {  # node -> (agent listen port, backend port, sim time to first token i
     "demo-a": (9411, 8101, 20),
     "demo-b": (9412, 8102, 80),
 }
+
+
+def fake_gpus(node: str, root: Path) -> None:
+    """The node's GPUs as sysfs shows them: demo-a two Radeon RX 7900 XTX, demo-b an Arc A770.
+
+    The agents inventory these like real ones; the sim backends use none of them.
+    """
+    shutil.rmtree(root, ignore_errors=True)
+    tree = SysfsTree(root)
+    if node == "demo-a":
+        tree.add_amdgpu("0000:03:00.0", unique_id="0x2c2c2cf05f6b5a1e")
+        tree.add_amdgpu("0000:43:00.0", unique_id="0x7a1e0c22d40b9e31")
+        tree.module_version("amdgpu", "6.10.5")
+    else:
+        tree.add_i915_arc("0000:04:00.0")
 
 
 def say(text: str) -> None:
@@ -124,8 +143,8 @@ def ensure_docker(state: dict[str, Any]) -> str:
 
 def agent_config(node: str, etcd: str, docker_host: str) -> Path:
     listen, port, latency = NODES[node]
-    sysfs = RUN / node / "sys"  # no GPUs here: the sim backend needs none
-    (sysfs / "class" / "drm").mkdir(parents=True, exist_ok=True)
+    sysfs = RUN / node / "sys"
+    fake_gpus(node, sysfs)
     models = RUN / "models"
     models.mkdir(parents=True, exist_ok=True)
     path = RUN / f"{node}.toml"
@@ -144,6 +163,7 @@ sysfs_root = "{sysfs}"
 name = "sim"
 model = "{MODEL}"
 engine = "sim"
+gpus = []  # the sim computes nothing: it leaves the node's GPUs to real engines
 port = {port}
 env = {{ SIM_LATENCY_MS = "{latency}", SIM_TOKENS_PER_SECOND = "200", SIM_NAME = "{node}" }}
 """)
@@ -218,6 +238,9 @@ def up() -> None:
                                                        for b in ready))
     wait_until(lambda: _http_ok(f"http://{SCHEDULER}/readyz"), 30, "the scheduler to be ready")
     talk()
+    say("the cluster as aivmmctl sees it:")
+    subprocess.run([sys.executable, "-m", "ctl.main", "--etcd", etcd, "status"], cwd=ROOT,
+                   check=False, timeout=30)
     print(f"""
 The cluster keeps running. Look further:
   .venv/bin/aivmmctl --etcd {etcd} status       nodes, GPUs, backends
