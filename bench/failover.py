@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import json
 import os
@@ -112,6 +113,8 @@ class Load:
         self.url = url
         self.rate = rate
         self.ok = self.errors = 0
+        # What each failure was (status code or exception type), so a count can be explained.
+        self.why: collections.Counter[str] = collections.Counter()
         self.task: asyncio.Task[None] | None = None
 
     async def _run(self) -> None:
@@ -126,8 +129,10 @@ class Load:
                             self.ok += 1
                         else:
                             self.errors += 1
-                except (aiohttp.ClientError, TimeoutError):
+                            self.why[f"http {r.status}"] += 1
+                except (aiohttp.ClientError, TimeoutError) as err:
                     self.errors += 1
+                    self.why[type(err).__name__] += 1
             pending: set[asyncio.Task[None]] = set()
             try:
                 while True:
@@ -145,7 +150,10 @@ class Load:
 
     def take(self) -> tuple[int, int]:
         out = self.ok, self.errors
+        if self.why:
+            print(f"  client errors: {dict(self.why)}", file=sys.stderr)
         self.ok = self.errors = 0
+        self.why.clear()
         return out
 
     async def stop(self) -> None:
@@ -214,7 +222,9 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         from common.records import parse_backend
         for i in range(args.kills):
             key = main_keys[i % len(main_keys)]
-            await watcher.wait(lambda key=key: watcher.ready.get(key), 180)
+            # Kill only while every backend is back: killing the next one while earlier ones
+            # are still restarting measures an outage of the whole model, not a failover.
+            await watcher.wait(lambda: all(watcher.ready.get(k) for k in main_keys), 180)
             record = parse_backend(await store.get(keys.backend(*key.split("/"))) or b"")
             cid = record.container_id or ""
             watcher.left.pop(key, None)

@@ -190,6 +190,12 @@ class Proxy:
                     nxt = None
                     if len(tried) < s.max_attempts:
                         nxt = self.router.choose(model, now, exclude=tried)
+                        if nxt is None:
+                            # Every other backend is briefly out (ejected, or restarting
+                            # after the same crash): queue for one, as a new request would,
+                            # rather than fail at once. A backend already tried may serve
+                            # again once its agent reports it ready.
+                            nxt = await self._wait_for_backend(model, start + s.queue_timeout)
                     if nxt is None:
                         break
                     if not self.budget.try_retry(now):

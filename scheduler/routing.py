@@ -44,6 +44,15 @@ class Ejection:
         self.backoff_s = 0.0
         self.until = 0.0
 
+    def lift(self) -> None:
+        """End the current ejection early but stay on probation (one more failure re-ejects).
+
+        Used when the agent reports the backend ready again: its probe is fresher evidence
+        than our last failure, which was often the very crash the agent has since repaired.
+        """
+        self.until = 0.0
+        self.failures = 0
+
     def failure(self, now: float, refused: bool = False) -> bool:
         """Count a failure; returns True when this failure ejects the backend."""
         self.failures += 1
@@ -120,7 +129,10 @@ def backend_from_record(key: str, record: BackendRecord) -> Backend:
 def _refresh(b: Backend, record: BackendRecord) -> None:
     b.url = record.url.rstrip("/")
     b.models = tuple(record.models)
-    b.ready = record.state == "ready"
+    ready = record.state == "ready"
+    if ready and not b.ready:
+        b.ejection.lift()
+    b.ready = ready
     b.waiting = (record.load.waiting or 0) if record.load else 0
     b.probe_latency_s = (record.probe_latency_ms / 1000.0
                          if record.probe_latency_ms is not None else None)

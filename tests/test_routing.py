@@ -196,6 +196,29 @@ def test_ejected_backend_is_not_chosen_until_it_returns() -> None:
     assert r.counts(11.0) == {"ready": 1, "ejected": 1, "not_ready": 0}
 
 
+def test_agent_reporting_ready_again_lifts_an_ejection_but_keeps_probation() -> None:
+    # The crash that ejected a backend is what its agent repairs: once the agent's probe
+    # says ready again, waiting out the rest of the ejection only wastes capacity.
+    r = router_with(rec("a"), rec("b"))
+    b = r.backends["n1/a"]
+    assert b.ejection.failure(10.0, refused=True)
+    assert set(picks(r, now=11.0)) == {"n1/b"}
+    r.upsert("n1/a", rec("a", state="starting"))
+    assert set(picks(r, now=11.5)) == {"n1/b"}
+    r.upsert("n1/a", rec("a", state="ready"))
+    assert set(picks(r, now=12.0)) == {"n1/a", "n1/b"}
+    # Still on probation: the next failure ejects again, for twice as long.
+    assert b.ejection.failure(12.5)
+    assert b.ejection.backoff_s == 10.0
+
+
+def test_a_ready_record_refreshed_does_not_lift_an_ejection() -> None:
+    r = router_with(rec("a"), rec("b"))
+    r.backends["n1/a"].ejection.failure(10.0, refused=True)
+    r.upsert("n1/a", rec("a", latency_ms=12.0))  # a heartbeat, not a recovery
+    assert set(picks(r, now=11.0)) == {"n1/b"}
+
+
 def test_busy_backends_are_not_candidates() -> None:
     r = router_with(rec("a"))
     r.max_inflight = 2
