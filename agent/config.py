@@ -45,6 +45,10 @@ class BackendConfig:
     health_path: str | None = setting(
         None, check=lambda v: None if v.startswith("/") else "a path starting with /")
     network: Literal["host", "bridge"] = setting("host")
+    # The engine's OpenAI API path (default from the engine profile: /v1, /v3 for openvino).
+    api_path: str | None = setting(
+        None, check=lambda v: None if v.startswith("/") and not v.endswith("/")
+        else "a path like /v1 (leading /, no trailing /)")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

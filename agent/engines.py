@@ -31,6 +31,8 @@ class Profile:
     args: Args
     health_path: str = "/health"
     env: dict[str, str] = field(default_factory=dict)
+    # Where the engine serves the OpenAI API; OpenVINO Model Server uses /v3, not /v1.
+    api_path: str = "/v1"
     # An explicit entrypoint for images whose own one is not the server.
     entrypoint: list[str] | None = None
 
@@ -44,6 +46,7 @@ class Launch:
     command: list[str]
     env: dict[str, str]
     health_path: str
+    api_path: str = "/v1"
 
 
 def _vllm_args(model: str, host: str, port: int) -> list[str]:
@@ -83,7 +86,7 @@ PROFILES: dict[tuple[str, Vendor | None], Profile] = {
         entrypoint=["python", "-m", "ipex_llm.vllm.xpu.entrypoints.openai.api_server"]),
     ("openvino", "intel"): Profile(
         "openvino", "intel", "openvino/model_server:latest-gpu", _ovms_args,
-        health_path="/v2/health/ready", env={"HF_HUB_OFFLINE": "1"}),
+        health_path="/v2/health/ready", env={"HF_HUB_OFFLINE": "1"}, api_path="/v3"),
     # The sim image's own entrypoint runs the server (sim/image.py).
     ("sim", None): Profile("sim", None, "aivmm-sim:latest", _sim_args),
 }
@@ -108,14 +111,15 @@ def needs_gpus(backend: BackendConfig) -> bool:
 def resolve(backend: BackendConfig, vendor: Vendor | None, bind_host: str) -> Launch:
     """The image, command, env and health path for ``backend`` on ``vendor``'s GPUs.
 
-    Config values win over the profile: ``image`` and ``health_path`` replace the defaults,
+    Config values win over the profile: ``image``, ``health_path`` and ``api_path`` replace
+    the defaults,
     ``args`` are appended to the profile's arguments and ``env`` overrides its variables.
     """
     if backend.engine == "custom":
         if not backend.image:
             raise EngineError("engine 'custom' needs an image")
         return Launch(backend.image, None, list(backend.args), dict(backend.env),
-                      backend.health_path or "/health")
+                      backend.health_path or "/health", backend.api_path or "/v1")
     profile = PROFILES.get((backend.engine, vendor))
     if profile is None:
         supported = ", ".join(ENGINE_VENDORS[backend.engine]) or "no GPUs"
@@ -126,4 +130,5 @@ def resolve(backend: BackendConfig, vendor: Vendor | None, bind_host: str) -> La
         raise EngineError(f"engine '{backend.engine}' needs an image")
     command = [*profile.args(backend.model, bind_host, backend.port), *backend.args]
     return Launch(image, profile.entrypoint, command, {**profile.env, **backend.env},
-                  backend.health_path or profile.health_path)
+                  backend.health_path or profile.health_path,
+                  backend.api_path or profile.api_path)

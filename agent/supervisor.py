@@ -166,7 +166,8 @@ class Supervisor:
             probe_latency_ms=None if s.latency.value is None else round(
                 s.latency.value * 1000, 3),
             load=s.load,  # type: ignore[arg-type]
-            updated_at=s.updated_at, error=s.error, restarts=s.restarts)
+            updated_at=s.updated_at, error=s.error, restarts=s.restarts,
+            api_path=spec.api_path if spec else "/v1")
 
     def _set(self, s: BackendStatus, state: State, error: str | None) -> None:
         if (s.state, s.error) == (state, error):
@@ -368,7 +369,8 @@ class Supervisor:
         if spec is None or s.container_id is None or s.state == "stopped" or \
                 (s.state == "unhealthy" and s.not_before > self._clock()):
             return
-        result = await self._prober.probe(spec.url, spec.health_path, s.config.model)
+        result = await self._prober.probe(spec.url, spec.health_path, s.config.model,
+                                          spec.api_path)
         self.apply_probe(s, result)
 
     def apply_probe(self, s: BackendStatus, result: ProbeResult) -> None:

@@ -88,6 +88,8 @@ class BackendRecord:
     updated_at: float = 0.0
     error: str | None = None
     restarts: int = 0
+    # Where the engine serves the OpenAI API under ``url`` (OpenVINO Model Server: /v3).
+    api_path: str = "/v1"
     schema: int = SCHEMA
 
 
@@ -198,7 +200,7 @@ _BACKEND: dict[str, Check] = {
     "state": _one_of(*STATES), "engine": _str, "vendor": _opt(_one_of(*VENDORS)),
     "gpus": _list(_str), "container_id": _opt(_str), "probe_latency_ms": _opt(_num),
     "load": _opt(_nested(BackendLoad, _LOAD)), "updated_at": _num, "error": _opt(_str),
-    "restarts": _int, "schema": _int,
+    "restarts": _int, "api_path": _str, "schema": _int,
 }
 
 

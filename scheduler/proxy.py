@@ -236,7 +236,8 @@ class Proxy:
             sent = self.clock()
             try:
                 async with asyncio.timeout(min(s.first_byte_timeout, deadline - sent)):
-                    up = await self.session.post(b.url + path, data=body, headers=headers,
+                    # Every route is /v1/...; the engine may serve the API elsewhere (/v3).
+                    up = await self.session.post(b.api + path[3:], data=body, headers=headers,
                                                  allow_redirects=False)
                     length = up.content_length
                     if length is not None and length <= WHOLE_BODY_MAX:

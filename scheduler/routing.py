@@ -81,6 +81,7 @@ class Backend:
     url: str
     models: tuple[str, ...]
     ready: bool
+    api: str = ""  # the base of the engine's OpenAI API: url + the record's api_path
     waiting: int = 0
     probe_latency_s: float | None = None
     ewma_s: float = 0.0
@@ -128,6 +129,7 @@ def backend_from_record(key: str, record: BackendRecord) -> Backend:
 
 def _refresh(b: Backend, record: BackendRecord) -> None:
     b.url = record.url.rstrip("/")
+    b.api = b.url + record.api_path
     b.models = tuple(record.models)
     ready = record.state == "ready"
     if ready and not b.ready:

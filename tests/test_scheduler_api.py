@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import time
 from collections.abc import AsyncIterator, Iterator
 
 import aiohttp
 import openai
 import orjson
 import pytest
+from aiohttp import web
 
+from common.keys import Keys
+from common.records import BackendRecord, dump
 from common.store import EtcdStore
 from tests.schedharness import Scheduler, eventually, grpc_settles, metric_value, publish
-from tests.services import EtcdServer
+from tests.services import EtcdServer, free_port
 from tests.simproc import SimProcess
 
 pytestmark = pytest.mark.timeout(120)
@@ -249,3 +253,42 @@ async def test_client_disconnect_cancels_upstream(etcd_server: EtcdServer, prefi
 
 async def _is_zero(value: asyncio.Future[float] | object) -> bool:
     return await value == 0  # type: ignore[misc]
+
+
+async def test_engine_serving_the_api_under_another_path(etcd_server: EtcdServer, prefix: str,
+                                                         writer: EtcdStore) -> None:
+    # OpenVINO Model Server answers the OpenAI API under /v3; its record says so and the
+    # scheduler maps the client's /v1 onto it.
+    seen: list[str] = []
+
+    async def chat(request: web.Request) -> web.Response:
+        seen.append(request.path)
+        body = await request.json()
+        return web.json_response({
+            "id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
+            "choices": [{"index": 0, "finish_reason": "stop",
+                         "message": {"role": "assistant", "content": "from v3"}}]})
+
+    engine = web.Application()
+    engine.router.add_post("/v3/chat/completions", chat)
+    runner = web.AppRunner(engine, access_log=None)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        record = BackendRecord(node="n1", name="ovms", models=["ov-m"], state="ready",
+                               url=f"http://127.0.0.1:{port}", engine="openvino",
+                               api_path="/v3", updated_at=time.time())
+        await writer.put(Keys(prefix).backend("n1", "ovms"), dump(record))
+        async with Scheduler(etcd_server.url, prefix) as s:
+            await s.wait_models("ov-m")
+            client = s.client()
+            try:
+                answer = await client.chat.completions.create(
+                    model="ov-m", messages=[{"role": "user", "content": "hi"}])
+            finally:
+                await client.close()
+        assert answer.choices[0].message.content == "from v3"
+        assert seen == ["/v3/chat/completions"]
+    finally:
+        await runner.cleanup()

@@ -80,3 +80,14 @@ def test_config_hash_is_stable_and_changes_with_anything_that_defines_the_contai
                    {"image": "other"}, {"port": 9000}):
         assert spec("sim", vendor=None, **change).config_hash != base, change
     assert spec(gpus=(gpu(0),)).config_hash != spec(gpus=(gpu(1),)).config_hash
+
+
+def test_openvino_serves_the_api_under_v3_and_config_can_override_it() -> None:
+    # OpenVINO Model Server's OpenAI endpoints live under /v3; the probe and the scheduler
+    # read this from the spec and the record instead of assuming /v1.
+    assert spec("openvino", vendor="intel").api_path == "/v3"
+    assert spec("vllm").api_path == "/v1"
+    custom = BackendConfig(name="c", model="m", engine="custom", port=8001, image="x:1",
+                           api_path="/openai/v1")
+    assert build_spec("n", custom, [], None, models_dir="/m",
+                      advertise_host="127.0.0.1").api_path == "/openai/v1"

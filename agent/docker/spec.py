@@ -52,6 +52,7 @@ class ContainerSpec:
     mem_limit: str | None
     security_opt: list[str]
     health_path: str
+    api_path: str
     url: str
     labels: dict[str, str] = field(default_factory=dict)
 
@@ -128,6 +129,7 @@ def build_spec(node: str, backend: BackendConfig, gpus: Sequence[GpuRecord],
         mem_limit=backend.memory_limit,
         security_opt=["no-new-privileges"],
         health_path=launch.health_path,
+        api_path=launch.api_path,
         url=f"http://{_url_host(advertise_host)}:{backend.port}",
     )
     digest = hashlib.sha256(orjson.dumps(asdict(spec), option=orjson.OPT_SORT_KEYS))

@@ -99,8 +99,9 @@ class Prober:
             await self._session.close()
             self._session = None
 
-    async def probe(self, url: str, health_path: str, model: str) -> ProbeResult:
-        """Probe the backend at ``url`` (no ``/v1``) serving ``model``."""
+    async def probe(self, url: str, health_path: str, model: str,
+                    api_path: str = "/v1") -> ProbeResult:
+        """Probe the backend at ``url`` (no ``/v1``) serving ``model`` under ``api_path``."""
         session = self._client()
         started = time.monotonic()
         try:
@@ -109,10 +110,11 @@ class Prober:
                 latency = time.monotonic() - started
                 if resp.status // 100 != 2:
                     return ProbeResult(False, latency, None, f"health answered {resp.status}")
-            async with session.get(url + "/v1/models") as resp:
+            async with session.get(url + api_path + "/models") as resp:
                 body = await resp.json(content_type=None) if resp.status == 200 else None
             if not lists_model(body, model):
-                return ProbeResult(False, latency, None, f"/v1/models does not list {model}")
+                return ProbeResult(False, latency, None,
+                                   f"{api_path}/models does not list {model}")
         except (TimeoutError, aiohttp.ClientError, ValueError) as err:
             return ProbeResult(False, None, None, f"probe failed: {err!r}")
         return ProbeResult(True, latency, await self._load(url), None)
