@@ -150,6 +150,11 @@ class Supervisor:
             b.name: BackendStatus(b, RestartBackoff(clock)) for b in config.backend}
         self.activity = "starting"
         self.drained: str | None = None  # why, while an operator has drained this node
+        # Set once the drain watch has first said whether this node is drained.
+        self.drain_known = asyncio.Event()
+        # How long the first reconcile waits for that answer: long enough for a reachable
+        # etcd, short enough that an etcd outage at start does not keep backends down.
+        self.drain_wait = 3.0
 
     # -- what the heartbeat and /v1/state read -------------------------------------------------
 
@@ -195,6 +200,7 @@ class Supervisor:
 
     def set_drained(self, reason: str | None) -> None:
         """Stop every backend (``reason``), or run them again (None); reconciles at once."""
+        self.drain_known.set()
         if reason == self.drained:
             return
         log.info("drain" if reason else "undrain", extra={"reason": reason or ""})
@@ -321,6 +327,10 @@ class Supervisor:
 
     async def run(self) -> None:
         """The reconcile loop: at start, on every wake, at backoff deadlines, and now and then."""
+        # Starting containers on a node an operator drained, only to remove them a moment
+        # later, is exactly what a drain is meant to prevent: learn the drain state first.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.drain_known.wait(), self.drain_wait)
         while True:
             self._wake.clear()
             try:

@@ -6,6 +6,7 @@ import asyncio
 import os
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -74,14 +75,20 @@ async def test_drain_stops_the_nodes_backends_and_undrain_brings_them_back(
 
 
 @pytest.mark.docker
-async def test_an_agent_started_on_a_drained_node_ends_with_nothing_running(
+async def test_an_agent_started_on_a_drained_node_never_starts_its_backends(
         fleet: Fleet) -> None:
+    since = int(time.time()) - 1
     assert (await asyncio.to_thread(ctl, fleet, "drain", fleet.node)).returncode == 0
     fleet.agent(fleet.config([{"name": "s1", "model": "m1", "engine": "sim",
                                "port": free_port()}]))
     stopped = await until(state_is(fleet, "s1", "stopped", container=False), 30, "s1 stopped")
     assert stopped.error == "drained by an operator"
     assert await until(lambda: _no_containers(fleet), 30, "no container")
+    created = await fleet.in_thread(lambda: list(fleet.docker.events(
+        since=since, until=int(time.time()) + 1, decode=True,
+        filters={"type": "container", "event": "create",
+                 "label": f"aivmm.node={fleet.node}"})))
+    assert created == []  # not started and then removed: never started at all
     assert (await asyncio.to_thread(ctl, fleet, "undrain", fleet.node)).returncode == 0
     await until(state_is(fleet, "s1", "ready"), 30, "s1 ready after undrain")
 
