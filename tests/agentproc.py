@@ -8,9 +8,8 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -23,24 +22,6 @@ from tests.services import free_port
 
 T = TypeVar("T")
 ROOT = Path(__file__).resolve().parent.parent
-
-
-async def until(predicate: Callable[[], Awaitable[T]], within: float, what: str,
-                interval: float = 0.1) -> T:
-    """Poll an async ``predicate`` until it returns something truthy, else fail."""
-    deadline = time.monotonic() + within
-    last: Exception | None = None
-    while True:
-        try:
-            result = await predicate()
-            if result:
-                return result
-        except Exception as err:  # the condition may raise until it holds
-            last = err
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {within}s waiting for {what}"
-                               + (f" (last error: {last!r})" if last else ""))
-        await asyncio.sleep(interval)
 
 
 def toml_value(v: Any) -> str:

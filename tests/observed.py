@@ -15,10 +15,10 @@ from pathlib import Path
 import aiohttp
 
 from common.store import EtcdStore
-from tests.agentproc import Fleet, until
+from tests.agentproc import Fleet
 from tests.gpu_trees import SysfsTree
 from tests.schedharness import Scheduler, publish
-from tests.services import free_port
+from tests.services import free_port, until
 from tests.simproc import SimProcess
 
 # Suffixes a family's samples carry in the text format, by the family's type.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -17,28 +17,8 @@ from common.records import BackendRecord, dump
 from common.store import EtcdStore
 from scheduler.app import build_app
 from scheduler.config import SchedulerConfig
-from tests.services import free_port
+from tests.services import free_port, until
 from tests.simproc import SimProcess
-
-
-async def eventually(predicate: Callable[[], Awaitable[Any] | Any], within: float = 10.0,
-                     what: str = "condition") -> Any:
-    """Poll ``predicate`` (sync or async) until it returns something truthy."""
-    deadline = time.monotonic() + within
-    last: Exception | None = None
-    while True:
-        try:
-            result = predicate()
-            if asyncio.iscoroutine(result):
-                result = await result
-            if result:
-                return result
-        except Exception as err:  # the condition may raise until it holds
-            last = err
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {within}s waiting for {what}"
-                               + (f" (last error: {last!r})" if last else ""))
-        await asyncio.sleep(0.05)
 
 
 async def grpc_settled() -> None:
@@ -50,7 +30,7 @@ async def grpc_settled() -> None:
     def pending() -> list[asyncio.Task[Any]]:
         return [t for t in asyncio.all_tasks() if not t.done()
                 and "_handle_status_once_received" in repr(t.get_stack(limit=1))]
-    await eventually(lambda: not pending(), 5.0, "grpc call tasks to finish")
+    await until(lambda: not pending(), 5.0, "grpc call tasks to finish")
 
 
 @pytest.fixture(autouse=True)
@@ -109,7 +89,7 @@ class Scheduler:
                           api_key: str | None = None) -> None:
         async def seen() -> bool:
             return set(models) <= set(await self.models(api_key))
-        await eventually(seen, within, f"models {models} on {self.url}")
+        await until(seen, within, f"models {models} on {self.url}")
 
     async def metrics(self) -> str:
         async with aiohttp.ClientSession() as s, s.get(self.url + "/metrics") as r:

@@ -7,7 +7,9 @@ temporary data directories, and is stopped when the test session ends.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import inspect
 import os
 import shutil
 import signal
@@ -16,8 +18,11 @@ import subprocess
 import tempfile
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
 
 
 class ServiceError(RuntimeError):
@@ -46,6 +51,30 @@ def wait_until(predicate: Callable[[], object], timeout: float, what: str,
             raise TimeoutError(f"timed out after {timeout}s waiting for {what}"
                                + (f" (last error: {last_error!r})" if last_error else ""))
         time.sleep(interval)
+
+
+async def until(predicate: Callable[[], Awaitable[T] | T], within: float = 10.0,
+                what: str = "condition", interval: float = 0.05) -> T:
+    """Await a sync or async ``predicate`` until it returns something truthy, else fail.
+
+    An exception from the predicate counts as "not yet" (the condition may raise until it
+    holds); the last one is named in the timeout error.
+    """
+    deadline = time.monotonic() + within
+    last_error: Exception | None = None
+    while True:
+        try:
+            result = predicate()
+            if inspect.isawaitable(result):
+                result = await result
+            if result:
+                return result  # type: ignore[return-value]
+        except Exception as err:
+            last_error = err
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {within}s waiting for {what}"
+                               + (f" (last error: {last_error!r})" if last_error else ""))
+        await asyncio.sleep(interval)
 
 
 def etcd_answers(url: str) -> bool:

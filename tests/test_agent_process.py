@@ -14,8 +14,8 @@ from pathlib import Path
 import orjson
 import pytest
 
-from tests.agentproc import ROOT, Fleet, kill, until
-from tests.services import DockerEngine, EtcdServer, free_port
+from tests.agentproc import ROOT, Fleet, kill
+from tests.services import DockerEngine, EtcdServer, free_port, until
 
 pytestmark = pytest.mark.docker
 

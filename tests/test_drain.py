@@ -16,9 +16,9 @@ from agent.drain import follow_drain
 from common.keys import Keys
 from common.records import DrainRecord, dump
 from common.store import EtcdStore
-from tests.agentproc import ROOT, Fleet, until
+from tests.agentproc import ROOT, Fleet
 from tests.schedharness import grpc_settles  # noqa: F401 (autouse fixture)
-from tests.services import DockerEngine, EtcdServer, free_port
+from tests.services import DockerEngine, EtcdServer, free_port, until
 
 
 def ctl(fleet: Fleet, *args: str) -> subprocess.CompletedProcess[str]:

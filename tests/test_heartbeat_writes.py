@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import time
 from collections.abc import AsyncIterator
 
 import pytest
@@ -15,7 +14,7 @@ from agent.metrics import AgentMetrics
 from common.keys import Keys
 from common.records import BackendLoad, BackendRecord, NodeRecord, parse_backend, parse_node
 from common.store import EtcdStore
-from tests.services import EtcdServer
+from tests.services import EtcdServer, until
 
 
 def record(**changes: object) -> BackendRecord:
@@ -58,14 +57,6 @@ def test_engine_queue_is_written_exactly_other_load_within_bands() -> None:
 async def store(etcd_server: EtcdServer) -> AsyncIterator[EtcdStore]:
     async with EtcdStore([etcd_server.url]) as s:
         yield s
-
-
-async def until(predicate, within: float = 10.0):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + within
-    while not (result := await predicate()):
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.02)
-    return result
 
 
 async def test_jitter_leaves_the_etcd_record_alone_a_state_change_does_not(

@@ -16,8 +16,8 @@ from aiohttp import web
 from common.keys import Keys
 from common.records import BackendRecord, dump
 from common.store import EtcdStore
-from tests.schedharness import Scheduler, eventually, grpc_settles, metric_value, publish
-from tests.services import EtcdServer, free_port
+from tests.schedharness import Scheduler, grpc_settles, metric_value, publish
+from tests.services import EtcdServer, free_port, until
 from tests.simproc import SimProcess
 
 pytestmark = pytest.mark.timeout(120)
@@ -212,8 +212,8 @@ async def test_two_replicas_on_one_etcd_both_serve(etcd_server: EtcdServer, pref
         # A deleted record leaves both.
         await writer.delete(f"{prefix}/backends/n1/e")
         for s in (s1, s2):
-            await eventually(lambda s=s: s.models(), what="models")
-            await eventually(lambda s=s: _lacks(s, "emb-m"), what="emb-m gone")
+            await until(lambda s=s: s.models(), what="models")
+            await until(lambda s=s: _lacks(s, "emb-m"), what="emb-m gone")
 
 
 async def _lacks(s: Scheduler, model: str) -> bool:
@@ -248,7 +248,7 @@ async def test_client_disconnect_cancels_upstream(etcd_server: EtcdServer, prefi
                 await r.content.readline()  # the first event arrived: generation is running
                 assert await running() == 1
                 r.close()  # the client goes away mid-stream
-            await eventually(lambda: _is_zero(running()), 10, "the backend to stop generating")
+            await until(lambda: _is_zero(running()), 10, "the backend to stop generating")
 
 
 async def _is_zero(value: asyncio.Future[float] | object) -> bool:

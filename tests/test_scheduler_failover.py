@@ -11,8 +11,8 @@ import openai
 import pytest
 
 from common.store import EtcdStore
-from tests.schedharness import Scheduler, eventually, grpc_settles, metric_value, publish
-from tests.services import EtcdServer
+from tests.schedharness import Scheduler, grpc_settles, metric_value, publish
+from tests.services import EtcdServer, until
 from tests.simproc import SimProcess
 
 pytestmark = pytest.mark.timeout(120)
@@ -86,7 +86,7 @@ async def test_backend_killed_under_concurrent_load(etcd_server: EtcdServer, pre
             try:
                 tasks = [asyncio.create_task(one()) for _ in range(150)]
                 # Kill while requests are in flight on every backend.
-                await eventually(lambda: sum(t.done() for t in tasks) >= 30, 30, "progress")
+                await until(lambda: sum(t.done() for t in tasks) >= 30, 30, "progress")
                 sims[0].kill()
                 results = await asyncio.gather(*tasks)  # any failure raises here
             finally:
@@ -198,7 +198,7 @@ async def test_death_mid_body_is_retried_death_mid_stream_ends_with_error_event(
             assert "n1/a" in str(caught.value)
             # Non-streaming: a small body is taken whole first, so another backend answers.
             await publish(writer, prefix, b)
-            await eventually(lambda: _has_two(s), what="second backend")
+            await until(lambda: _has_two(s), what="second backend")
             a.set(fail_mode="die_mid_stream")
             for _ in range(6):
                 await complete(client)
@@ -232,11 +232,11 @@ async def test_request_waits_in_queue_for_a_backend(etcd_server: EtcdServer, pre
                                                     pair: list[SimProcess]) -> None:
     await publish(writer, prefix, pair[0], state="starting")
     async with Scheduler(etcd_server.url, prefix, queue_timeout=20) as s:
-        await eventually(lambda: _known(s), what="the starting backend")
+        await until(lambda: _known(s), what="the starting backend")
         client = s.client()
         try:
             waiting = asyncio.create_task(complete(client))
-            await eventually(lambda: _queued(s), what="the request to queue")
+            await until(lambda: _queued(s), what="the request to queue")
             await publish(writer, prefix, pair[0], state="ready")
             assert await waiting == "n1/a"
         finally:
@@ -260,7 +260,7 @@ async def test_etcd_down_keeps_routing_then_resyncs(etcd_own: EtcdServer, prefix
         client = s.client()
         try:
             etcd_own.stop()
-            await eventually(lambda: _etcd_up(s, 0), 30, "the watch to notice etcd is gone")
+            await until(lambda: _etcd_up(s, 0), 30, "the watch to notice etcd is gone")
             async with aiohttp.ClientSession() as c, c.get(s.url + "/readyz") as r:
                 ready = await r.json()
             assert ready["etcd"] == "disconnected" and ready["stale"] is True
@@ -270,8 +270,8 @@ async def test_etcd_down_keeps_routing_then_resyncs(etcd_own: EtcdServer, prefix
             etcd_own.start()
             async with EtcdStore([etcd_own.url]) as w:
                 await publish(w, prefix, pair[1])
-            await eventually(lambda: _etcd_up(s, 1), 30, "the watch to come back")
-            await eventually(lambda: _has_two(s), 30, "the backend added meanwhile")
+            await until(lambda: _etcd_up(s, 1), 30, "the watch to come back")
+            await until(lambda: _has_two(s), 30, "the backend added meanwhile")
             assert "n1/b" in {await complete(client) for _ in range(20)}
         finally:
             await client.close()

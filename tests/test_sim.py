@@ -5,9 +5,8 @@ from __future__ import annotations
 import asyncio
 import math
 import signal
-import time
 import urllib.request
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import aiohttp
 import docker
@@ -18,20 +17,10 @@ from sim import generate
 from sim.image import build_image
 from sim.main import parse_args
 from sim.settings import SettingsError, SimSettings, from_env
-from tests.services import DockerEngine, free_port
+from tests.services import DockerEngine, free_port, until
 from tests.simproc import SimProcess
 
 CHAT = [{"role": "user", "content": "Say something about the fleet"}]
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], within: float = 10,
-                     what: str = "condition") -> None:
-    """Poll an async ``check`` until it holds; fail after ``within`` seconds."""
-    deadline = time.monotonic() + within
-    while not await check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 def metric(text: str, name: str, model: str) -> float:
@@ -268,7 +257,7 @@ async def test_metrics_follow_running_and_waiting_requests(
         try:
             async def one_running_one_waiting() -> bool:
                 return await counts() == (1.0, 1.0)
-            await eventually(one_running_one_waiting, what="1 running, 1 waiting")
+            await until(one_running_one_waiting, what="1 running, 1 waiting")
             assert metric(await scrape(), "vllm:gpu_cache_usage_perc", "m1") == 1.0
         finally:
             # Clients giving up must free the slots.
@@ -278,7 +267,7 @@ async def test_metrics_follow_running_and_waiting_requests(
 
         async def idle() -> bool:
             return await counts() == (0.0, 0.0)
-        await eventually(idle, what="no requests in flight")
+        await until(idle, what="no requests in flight")
 
         defaults.set(latency_ms=300, max_concurrency=0)
         answer = asyncio.create_task(
@@ -286,9 +275,9 @@ async def test_metrics_follow_running_and_waiting_requests(
 
         async def running() -> bool:
             return (await counts())[0] == 1.0
-        await eventually(running, what="the slow request running")
+        await until(running, what="the slow request running")
         assert (await answer).choices[0].message.content
-        await eventually(idle, what="the slow request finished")
+        await until(idle, what="the slow request finished")
 
 
 async def test_sigterm_exits_zero_even_with_a_hanging_request() -> None:
@@ -302,7 +291,7 @@ async def test_sigterm_exits_zero_even_with_a_hanging_request() -> None:
             async def hanging() -> bool:
                 async with http.get(sim.url + "/metrics") as resp:
                     return metric(await resp.text(), "vllm:num_requests_running", "m") == 1.0
-            await eventually(hanging, what="the hanging request")
+            await until(hanging, what="the hanging request")
             assert sim.proc is not None
             sim.proc.send_signal(signal.SIGTERM)
             assert await asyncio.to_thread(sim.proc.wait, 20) == 0
@@ -366,7 +355,7 @@ async def test_container_answers_chat_completion(sim_image: str,
                     return r.status == 200
             except aiohttp.ClientError:
                 return False
-        await eventually(healthy, within=30, what="the sim container")
+        await until(healthy, within=30, what="the sim container")
         async with openai.AsyncOpenAI(base_url=url + "/v1", api_key="x", max_retries=0) as oai:
             raw = await oai.chat.completions.with_raw_response.create(model="boxed",
                                                                      messages=CHAT)

@@ -19,8 +19,8 @@ from common.keys import Keys
 from common.records import BackendRecord, GpuRecord, NodeRecord, dump
 from common.store import EtcdStore
 from scheduler.status import FailoverLog, RequestRates
-from tests.schedharness import Scheduler, eventually, grpc_settles, publish  # noqa: F401
-from tests.services import EtcdServer, free_port
+from tests.schedharness import Scheduler, grpc_settles, publish  # noqa: F401
+from tests.services import EtcdServer, free_port, until
 from tests.simproc import SimProcess
 
 GIB = 2**30
@@ -140,7 +140,7 @@ async def test_cluster_json_shows_nodes_gpus_backends_rates_and_failovers(
     async def rates_known() -> Any:
         _, b = await get(cluster.sched.url + "/v1/cluster")
         return b if b["request_rate"] is not None else None
-    later = await eventually(rates_known, 10, "a request rate")
+    later = await until(rates_known, 10, "a request rate")
     # 7 requests over a window of at least one second: positive, and model by model.
     assert later["request_rate"] > 0 and later["models"]["llama-3.1-8b"] > 0
 

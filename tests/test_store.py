@@ -7,7 +7,7 @@ import contextlib
 import signal
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -20,22 +20,7 @@ from common.store import (
     StoreClosed,
     StoreUnavailable,
 )
-from tests.services import EtcdServer, free_port
-
-
-async def eventually(predicate: Callable[[], Awaitable[object] | object], within: float,
-                     what: str) -> object:
-    """Poll ``predicate`` (sync or async) until it is truthy; fail after ``within`` seconds."""
-    deadline = time.monotonic() + within
-    while True:
-        result = predicate()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {within}s waiting for {what}")
-        await asyncio.sleep(0.05)
+from tests.services import EtcdServer, free_port, until
 
 
 def etcd_watchers(server: EtcdServer) -> int:
@@ -116,7 +101,7 @@ async def test_leased_keys_live_while_refreshed_and_vanish_after(
     async def gone() -> bool:
         return not (await store.get_prefix(prefix)).items
 
-    await eventually(gone, ttl + 1, "leased keys to expire")
+    await until(gone, ttl + 1, "leased keys to expire")
     with pytest.raises(LeaseLost):
         await store.keep_alive(lease)
 
@@ -166,7 +151,7 @@ async def test_watch_is_cancelled_in_etcd_when_consumer_stops(
     assert (await anext(events)).key == f"{prefix}/a"
     assert etcd_watchers(etcd_server) == before + 1
     await events.aclose()
-    await eventually(lambda: etcd_watchers(etcd_server) == before, 10, "watch to end in etcd")
+    await until(lambda: etcd_watchers(etcd_server) == before, 10, "watch to end in etcd")
 
     # So does cancelling the task that iterates.
     got_one = asyncio.Event()
@@ -181,7 +166,7 @@ async def test_watch_is_cancelled_in_etcd_when_consumer_stops(
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
-    await eventually(lambda: etcd_watchers(etcd_server) == before, 10, "watch to end in etcd")
+    await until(lambda: etcd_watchers(etcd_server) == before, 10, "watch to end in etcd")
 
 
 async def test_watch_from_compacted_revision_raises_compacted(etcd_own: EtcdServer) -> None:
@@ -250,14 +235,14 @@ async def test_sync_reports_disconnected_while_etcd_is_down(etcd_own: EtcdServer
     async with fast_store(etcd_own, states) as s:
         task = asyncio.create_task(consume(s), name="sync-consumer")
         try:
-            await eventually(lambda: s.connected, 10, "the view to connect")
+            await until(lambda: s.connected, 10, "the view to connect")
             etcd_own.stop()
-            await eventually(lambda: not s.connected, 15, "the store to report etcd down")
+            await until(lambda: not s.connected, 15, "the store to report etcd down")
             assert s.last_error
             etcd_own.start()
             async with EtcdStore([etcd_own.url]) as writer:
                 await writer.put("/r/k", b"v")
-                await eventually(lambda: view == {"/r/k": b"v"}, 15, "the view to catch up")
+                await until(lambda: view == {"/r/k": b"v"}, 15, "the view to catch up")
             assert s.connected
         finally:
             task.cancel()
@@ -382,11 +367,11 @@ async def test_view_notices_a_frozen_etcd_and_resumes_when_it_thaws(
         assert isinstance(await anext(view), Reset)
         pending = asyncio.ensure_future(anext(view))
         try:
-            await eventually(lambda: etcd_watchers(etcd_own) == 1, 10, "the watch to open")
+            await until(lambda: etcd_watchers(etcd_own) == 1, 10, "the watch to open")
             assert etcd_own.proc is not None
             etcd_own.proc.send_signal(signal.SIGSTOP)
             try:
-                await eventually(lambda: not s.connected, 30, "the frozen etcd to be noticed")
+                await until(lambda: not s.connected, 30, "the frozen etcd to be noticed")
             finally:
                 etcd_own.proc.send_signal(signal.SIGCONT)
             async with EtcdStore([etcd_own.url]) as writer:

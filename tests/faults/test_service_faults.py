@@ -11,10 +11,9 @@ from pathlib import Path
 import openai
 import pytest
 
-from tests.agentproc import until
 from tests.faults.cluster import MESSAGES, MODEL, Load
 from tests.faults.conftest import Cluster
-from tests.services import DockerEngine, EtcdServer
+from tests.services import DockerEngine, EtcdServer, until
 
 pytestmark = pytest.mark.docker
 
