@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
 import openai
-import pytest
 from aiohttp import web
 
 from common.keys import Keys
@@ -19,25 +16,6 @@ from scheduler.app import build_app
 from scheduler.config import SchedulerConfig
 from tests.services import free_port, until
 from tests.simproc import SimProcess
-
-
-async def grpc_settled() -> None:
-    """Wait until grpc's per-call status tasks of a closed store have run out.
-
-    A cancelled etcd watch leaves grpc's status task for a few loop turns after the store
-    closed; without this the autouse leak check reports it as ours.
-    """
-    def pending() -> list[asyncio.Task[Any]]:
-        return [t for t in asyncio.all_tasks() if not t.done()
-                and "_handle_status_once_received" in repr(t.get_stack(limit=1))]
-    await until(lambda: not pending(), 5.0, "grpc call tasks to finish")
-
-
-@pytest.fixture(autouse=True)
-async def grpc_settles() -> AsyncIterator[None]:
-    """Import into a test module: at teardown, before the leak check, let grpc settle."""
-    yield
-    await grpc_settled()
 
 
 def record_for(sim: SimProcess, *, node: str = "n1", state: str = "ready",

@@ -16,7 +16,6 @@ from common.keys import Keys
 from common.records import BackendLoad, BackendRecord, GpuRecord, NodeRecord, dump, parse_drain
 from common.store import EtcdStore
 from tests.agentproc import ROOT
-from tests.schedharness import grpc_settles  # noqa: F401 (autouse fixture)
 from tests.services import EtcdServer, free_port
 
 GIB = 2**30

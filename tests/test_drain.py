@@ -17,7 +17,6 @@ from common.keys import Keys
 from common.records import DrainRecord, dump
 from common.store import EtcdStore
 from tests.agentproc import ROOT, Fleet
-from tests.schedharness import grpc_settles  # noqa: F401 (autouse fixture)
 from tests.services import DockerEngine, EtcdServer, free_port, until
 
 

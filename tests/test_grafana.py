@@ -14,7 +14,6 @@ import yaml
 
 from tests.agentproc import ROOT
 from tests.observed import exposed_names, expr_names, running_stack
-from tests.schedharness import grpc_settles  # noqa: F401 (autouse fixture)
 from tests.services import DockerEngine, EtcdServer
 
 DASHBOARD = ROOT / "deploy" / "grafana" / "aivmm.json"

@@ -16,7 +16,6 @@ import yaml
 
 from tests.agentproc import ROOT
 from tests.observed import exposed_names, expr_names, running_stack
-from tests.schedharness import grpc_settles  # noqa: F401 (autouse fixture)
 from tests.services import DockerEngine, EtcdServer, free_port, until
 
 pytestmark = pytest.mark.docker

@@ -16,12 +16,11 @@ from aiohttp import web
 from common.keys import Keys
 from common.records import BackendRecord, dump
 from common.store import EtcdStore
-from tests.schedharness import Scheduler, grpc_settles, metric_value, publish
+from tests.schedharness import Scheduler, metric_value, publish
 from tests.services import EtcdServer, free_port, until
 from tests.simproc import SimProcess
 
 pytestmark = pytest.mark.timeout(120)
-__all__ = ["grpc_settles"]  # an autouse fixture, used by being imported
 
 
 @pytest.fixture(scope="module")

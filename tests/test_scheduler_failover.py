@@ -11,12 +11,11 @@ import openai
 import pytest
 
 from common.store import EtcdStore
-from tests.schedharness import Scheduler, grpc_settles, metric_value, publish
+from tests.schedharness import Scheduler, metric_value, publish
 from tests.services import EtcdServer, until
 from tests.simproc import SimProcess
 
 pytestmark = pytest.mark.timeout(120)
-__all__ = ["grpc_settles"]  # an autouse fixture, used by being imported
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ from common.keys import Keys
 from common.records import BackendRecord, GpuRecord, NodeRecord, dump
 from common.store import EtcdStore
 from scheduler.status import FailoverLog, RequestRates
-from tests.schedharness import Scheduler, grpc_settles, publish  # noqa: F401
+from tests.schedharness import Scheduler, publish
 from tests.services import EtcdServer, free_port, until
 from tests.simproc import SimProcess
 
