@@ -23,6 +23,9 @@ class SchedulerConfig(DaemonConfig):
     """The whole scheduler config file."""
 
     listen: str = setting("0.0.0.0:8080", check=host_port)
+    # Several scheduler processes on one host may share `listen` (SO_REUSEPORT): the kernel
+    # spreads connections over them, one process per core (docs/benchmarks.md).
+    reuse_port: bool = setting(False)
     # Plain keys or "sha256:<hex>" digests; none at all means no authentication.
     api_keys: list[str] = setting([], check=_keys)
     api_keys_file: str | None = setting(None)

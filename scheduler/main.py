@@ -23,7 +23,8 @@ def main(argv: list[str] | None = None) -> int:
     logs.setup(config.log_level, config.log_format)
     app = build_app(config)
     # A client that disconnects must stop its upstream request at once.
-    return asyncio.run(serve(app, config.listen, handler_cancellation=True))
+    return asyncio.run(serve(app, config.listen, reuse_port=config.reuse_port,
+                             handler_cancellation=True))
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -60,3 +61,35 @@ def test_serves_until_sigterm(tmp_path: Path, etcd_server: EtcdServer) -> None:
             proc.wait()
         proc.stdout.close()  # type: ignore[union-attr]
         proc.stderr.close()  # type: ignore[union-attr]
+
+
+def test_reuse_port_lets_several_processes_share_one_port(tmp_path: Path,
+                                                           etcd_server: EtcdServer) -> None:
+    # One process per core behind one address: the kernel spreads the connections.
+    port = free_port()
+    env = {**os.environ, "AIVMM_REUSE_PORT": "true"}
+    args = ("--config", str(tmp_path / "none.toml"), "--etcd", etcd_server.url,
+            "--listen", f"127.0.0.1:{port}")
+    (tmp_path / "none.toml").write_text("")
+    procs = [run(*args, env=env), run(*args, env=env)]
+    try:
+        def ready() -> bool:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as r:
+                return r.status == 200
+        wait_until(ready, 20, "a scheduler ready")
+        wait_until(lambda: all(p.poll() is None for p in procs), 5, "both running")
+        procs[0].send_signal(signal.SIGKILL)
+        procs[0].wait(10)
+        wait_until(ready, 20, "the survivor answering on the shared port")
+        assert procs[1].poll() is None
+        # Without the option a second process cannot bind: it says so and exits 1.
+        lone = run(*args, env={k: v for k, v in os.environ.items() if k != "AIVMM_REUSE_PORT"})
+        _, err = lone.communicate(timeout=30)
+        assert lone.returncode == 1 and "cannot listen" in err
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+            p.stdout.close()  # type: ignore[union-attr]
+            p.stderr.close()  # type: ignore[union-attr]
