@@ -166,10 +166,14 @@ async def rescan(app: web.Application) -> None:
         return
     offerable = inv.offerable(gpus)
     before = [(g.index, g.uuid) for g in view.offerable]
+    present = [(g.index, g.uuid) for g in view.gpus]
     view.gpus, view.offerable = gpus, offerable
     app[METRICS].gpus(gpus)
     if before != [(g.index, g.uuid) for g in offerable] and view.on_change is not None:
         view.on_change()
+    if present != [(g.index, g.uuid) for g in gpus] and HEARTBEAT in app:
+        # A GPU came or went: schedulers and operators see it now, not a heartbeat later.
+        app[HEARTBEAT].node_changed()
 
 
 async def inventory_loop(app: web.Application) -> None:

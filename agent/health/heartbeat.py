@@ -93,11 +93,17 @@ class Heartbeat:
         self._changed = asyncio.Event()
         self.lease: int | None = None
         self._written: dict[str, BackendRecord] = {}  # as last put in etcd
+        self._node_dirty = False  # the node record changed (a GPU came or went)
         self.connected = False
         self.activity = "registering in etcd"
 
     def poke(self) -> None:
         """A backend changed: write it now rather than at the next heartbeat."""
+        self._changed.set()
+
+    def node_changed(self) -> None:
+        """The node itself changed (a GPU appeared or went): rewrite its record now."""
+        self._node_dirty = True
         self._changed.set()
 
     async def run(self) -> None:
@@ -152,7 +158,8 @@ class Heartbeat:
             beat = True
         elif beat:
             await self.store.keep_alive(self.lease)
-        if beat:
+        if beat or self._node_dirty:
+            self._node_dirty = False
             record = self._node_record()
             record.heartbeat_at = time.time()
             await self.store.put(self.keys.node(self.node), dump(record), lease=self.lease)
