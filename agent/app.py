@@ -181,8 +181,12 @@ async def inventory_loop(app: web.Application) -> None:
     changed = asyncio.Event()
 
     async def listen() -> None:
-        async for _ in app[INVENTORY].changes():
-            changed.set()
+        try:
+            async for _ in app[INVENTORY].changes():
+                changed.set()
+        except Exception:
+            # Hot-plug events are a speed-up, not a necessity: the periodic rescan goes on.
+            log.exception("GPU uevent listener failed; rescanning every heartbeat only")
 
     listener = asyncio.create_task(listen(), name="inventory-uevents")
     try:

@@ -63,7 +63,9 @@ class AgentConfig(DaemonConfig):
     lease_ttl: int = setting(10, check=lambda v: None if v >= 2 else "an integer >= 2")
     probe_interval: float = setting(2.0, check=positive)
     docker_host: str | None = setting(None)
-    models_dir: str = setting("/var/lib/aivmm/models")
+    # Absolute: Docker would take a relative name for a named volume and mount it empty.
+    models_dir: str = setting("/var/lib/aivmm/models",
+                              check=lambda v: None if v.startswith("/") else "an absolute path")
     sysfs_root: str = setting("/sys")
     # Intel drivers report memory in use only per client, in DRM fdinfo under /proc; reading
     # it needs the host's PID namespace, so it is opt-in (set "/proc") rather than a guess.

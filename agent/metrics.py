@@ -81,14 +81,3 @@ class AgentMetrics:
 
     def restarted(self, name: str, model: str) -> None:
         self.backend_restarts.labels(self.node, name, model).inc()
-
-    def backend_gone(self, name: str) -> None:
-        for labels in [lb for lb in self._backend_labels if lb[1] == name]:
-            self._backend_labels.discard(labels)
-            for metric in (self.backend_up, self.backend_error, self.probe_latency,
-                           self.backend_restarts):
-                with contextlib.suppress(KeyError):
-                    metric.remove(*labels)
-            for state in STATES:
-                with contextlib.suppress(KeyError):
-                    self.backend_state.remove(*labels, state)

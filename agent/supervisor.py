@@ -26,7 +26,7 @@ from agent.docker.client import (
     Reconnected,
 )
 from agent.docker.observed import ObservedContainer, exit_reason
-from agent.docker.spec import ContainerSpec, build_spec
+from agent.docker.spec import ContainerSpec, backend_url, build_spec
 from agent.engines import EngineError
 from agent.health.probe import Ewma, Prober, ProbeResult
 from agent.metrics import AgentMetrics
@@ -165,7 +165,7 @@ class Supervisor:
         spec = s.spec
         return BackendRecord(
             node=self.node, name=s.config.name, models=[s.config.model],
-            url=spec.url if spec else f"http://{self.config.advertise_host}:{s.config.port}",
+            url=spec.url if spec else backend_url(self.config.advertise_host, s.config.port),
             state=s.state, engine=s.config.engine, vendor=spec.vendor if spec else None,
             gpus=list(spec.gpu_uuids) if spec else [], container_id=s.container_id,
             probe_latency_ms=None if s.latency.value is None else round(
@@ -242,7 +242,19 @@ class Supervisor:
         desired = self.desired()
         actual = await self.docker.list_managed(self.node)
         for action in plan(desired, actual):
-            await self._act(action)
+            try:
+                await self._act(action)
+            except DockerUnavailable:
+                raise
+            except DockerFailed as err:
+                # The engine answered but refused (a removal already in progress, a busy
+                # device): that backend waits and retries; the loop and the agent go on.
+                log.warning("docker refused an action", extra={
+                    "backend": action.backend, "action": type(action).__name__,
+                    "error": str(err)})
+                s = self.status.get(action.backend)
+                if s is not None:
+                    self._failed(s, str(err))
 
     async def _act(self, action: Action) -> None:
         now = self._clock()
@@ -268,7 +280,9 @@ class Supervisor:
         if isinstance(action, Start):
             c = action.container
             s.container_id = c.id
-            if s.seen_exit != (c.id, c.finished_at):
+            # A container created but never started (its start failed) did not crash: keep
+            # the start's own error instead of "exited with code 0" and count no restart.
+            if c.status != "created" and s.seen_exit != (c.id, c.finished_at):
                 s.seen_exit = (c.id, c.finished_at)
                 delay = s.backoff.failed()
                 s.not_before = now + delay
@@ -338,10 +352,9 @@ class Supervisor:
                 self.activity = f"supervising {len(self.status)} backend(s)"
             except DockerUnavailable as err:
                 self.activity = "waiting for the docker engine"
+                # The engines may well still serve (live-restore, or a slow daemon): the
+                # probes, not the daemon's absence, say whether a backend is healthy.
                 log.warning("cannot reconcile: %s", err)
-                for s in self.status.values():
-                    if s.state == "ready" or s.state == "starting":
-                        self._set(s, "unhealthy", "docker engine unreachable")
                 # The events thread announces the engine's return; poll too, in case.
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), 2.0)
@@ -379,8 +392,13 @@ class Supervisor:
         if spec is None or s.container_id is None or s.state == "stopped" or \
                 (s.state == "unhealthy" and s.not_before > self._clock()):
             return
+        container = s.container_id
         result = await self._prober.probe(spec.url, spec.health_path, s.config.model,
                                           spec.api_path)
+        # While the probe ran, the backend may have been drained, recreated or restarted:
+        # an answer about what is gone must not mark what replaced it ready.
+        if s.spec is not spec or s.container_id != container or s.state == "stopped":
+            return
         self.apply_probe(s, result)
 
     def apply_probe(self, s: BackendStatus, result: ProbeResult) -> None:
@@ -396,13 +414,3 @@ class Supervisor:
             if s.state == "ready" and s.probe_fails >= FAILS_TO_UNHEALTHY:
                 self._set(s, "unhealthy", result.error)
         self.metrics.backend(self._record(s))
-
-    # -- drain ----------------------------------------------------------------------------------
-
-    async def drain(self) -> int:
-        """Stop and remove every container of this node; returns how many."""
-        found = await self.docker.list_managed(self.node)
-        for c in found:
-            log.info("draining", extra={"backend": c.backend, "container": c.id[:12]})
-            await self.docker.remove(c.id, stop_timeout=30)
-        return len(found)

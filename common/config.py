@@ -20,6 +20,8 @@ from typing import Any, Literal, TypeVar
 
 import orjson
 
+from common.endpoints import etcd_target
+
 T = TypeVar("T")
 ENV_PREFIX = "AIVMM_"
 _MISSING = object()
@@ -81,8 +83,12 @@ def url_list(value: Any) -> str | None:
     if not value:
         return "at least one URL"
     for url in value:
-        if not (url.startswith("http://") or url.startswith("https://")) or ":" not in url[8:]:
-            return "URLs like http://HOST:PORT"
+        try:
+            etcd_target(url)
+        except ValueError:
+            return "URLs like http://HOST:PORT (plain http, port 1..65535)"
+        if not url.startswith("http://"):
+            return "URLs like http://HOST:PORT (plain http, port 1..65535)"
     return None
 
 

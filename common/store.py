@@ -17,10 +17,11 @@ import random
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
-from urllib.parse import urlsplit
 
 import grpc
 from aetcd import rpc
+
+from common.endpoints import etcd_target
 
 log = logging.getLogger(__name__)
 
@@ -116,15 +117,6 @@ class _WatchBatch:
     cluster_id: int
 
 
-def _target(endpoint: str) -> str:
-    """``http://host:port`` (or bare ``host:port``) to a gRPC target."""
-    url = urlsplit(endpoint if "://" in endpoint else f"http://{endpoint}")
-    if url.scheme != "http" or not url.hostname:
-        raise ValueError(f"etcd endpoint {endpoint!r}: expected http://HOST:PORT")
-    host = f"[{url.hostname}]" if ":" in url.hostname else url.hostname
-    return f"{host}:{url.port or 2379}"
-
-
 def _range_end(prefix: bytes) -> bytes:
     """The end of the key range holding every key that starts with ``prefix``."""
     end = bytearray(prefix)
@@ -146,7 +138,7 @@ class _Conn:
 
     def __init__(self, endpoint: str) -> None:
         self.endpoint = endpoint
-        self.channel = rpc.insecure_channel(_target(endpoint), options=_CHANNEL_OPTIONS)
+        self.channel = rpc.insecure_channel(etcd_target(endpoint), options=_CHANNEL_OPTIONS)
         self.kv = rpc.KVStub(self.channel)
         self.lease = rpc.LeaseStub(self.channel)
         self.watch = rpc.WatchStub(self.channel)
@@ -223,7 +215,7 @@ class EtcdStore:
         if not endpoints:
             raise ValueError("at least one etcd endpoint is needed")
         for endpoint in endpoints:
-            _target(endpoint)  # reject a malformed URL now, not at the first call
+            etcd_target(endpoint)  # reject a malformed URL now, not at the first call
         self._endpoints = list(endpoints)
         self._timeout = timeout
         self._retry_initial = retry_initial

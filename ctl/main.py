@@ -12,6 +12,7 @@ from typing import Any
 
 import orjson
 
+from common.endpoints import etcd_target
 from common.keys import Keys
 from common.records import (
     BackendRecord,
@@ -25,6 +26,7 @@ from common.records import (
 from common.store import EtcdStore, StoreUnavailable
 
 EXIT_UNREACHABLE = 1
+EXIT_USAGE = 2
 
 
 def _gib(value: int | None) -> str:
@@ -161,6 +163,12 @@ def _json(value: Any) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     endpoints = [u.strip() for u in args.etcd.split(",") if u.strip()]
+    for url in endpoints:
+        try:
+            etcd_target(url)
+        except ValueError as err:
+            print(f"aivmmctl: --etcd: {err}", file=sys.stderr)
+            return EXIT_USAGE
     try:
         if args.verb in ("drain", "undrain"):
             known = asyncio.run(set_drain(endpoints, args.prefix, args.timeout, args.node,

@@ -136,3 +136,10 @@ async def test_unreachable_etcd_is_one_clear_line(verb: list[str]) -> None:
     assert out.returncode == 1
     assert out.stderr.strip() == f"aivmmctl: cannot reach etcd at {url}"
     assert out.stdout == ""
+
+
+async def test_malformed_etcd_url_is_a_usage_error() -> None:
+    out = await ctl("http://127.0.0.1:notaport", "/aivmm/v1", "status")
+    assert out.returncode == 2
+    assert out.stderr.startswith("aivmmctl: --etcd: ") and "notaport" in out.stderr
+    assert "Traceback" not in out.stderr

@@ -366,6 +366,30 @@ async def test_failing_detector_is_skipped(tree: SysfsTree,
     assert any("detector failed" in r.getMessage() for r in caplog.records)
 
 
+async def test_a_detector_failing_once_does_not_make_its_gpus_vanish(tree: SysfsTree) -> None:
+    # An NVML hiccup is not two GPUs leaving the machine: their backends must keep running.
+    nvml = FakeNvml([FakeGpu(), FakeGpu(uuid="GPU-2", bus_id="00000000:19:00.0")])
+    tree.add_amdgpu()
+    inv = inventory(tree, nvml)
+    first = await inv.scan()
+    assert [g.vendor for g in first] == ["nvidia", "nvidia", "amd"]
+    real = inv.detectors[0]
+
+    class Hiccup:
+        vendor = "nvidia"
+
+        def detect(self) -> list:
+            raise NvmlError("Unknown Error")
+
+    inv.detectors[0] = Hiccup()  # type: ignore[assignment]
+    during = await inv.scan()
+    assert [(g.vendor, g.uuid) for g in during] == [(g.vendor, g.uuid) for g in first]
+    inv.detectors[0] = real
+    nvml.gpus.pop()  # now one really is gone: the next good read says so
+    after = await inv.scan()
+    assert [g.uuid for g in after if g.vendor == "nvidia"] == [first[0].uuid]
+
+
 async def test_gpu_removed_between_scans(tree: SysfsTree) -> None:
     tree.add_amdgpu()
     dev = tree.add_xe()

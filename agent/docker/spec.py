@@ -130,7 +130,7 @@ def build_spec(node: str, backend: BackendConfig, gpus: Sequence[GpuRecord],
         security_opt=["no-new-privileges"],
         health_path=launch.health_path,
         api_path=launch.api_path,
-        url=f"http://{_url_host(advertise_host)}:{backend.port}",
+        url=backend_url(advertise_host, backend.port),
     )
     digest = hashlib.sha256(orjson.dumps(asdict(spec), option=orjson.OPT_SORT_KEYS))
     labels = {LABEL_MANAGED: "true", LABEL_NODE: node, LABEL_BACKEND: backend.name,
@@ -138,5 +138,7 @@ def build_spec(node: str, backend: BackendConfig, gpus: Sequence[GpuRecord],
     return replace(spec, labels=labels)
 
 
-def _url_host(host: str) -> str:
-    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+def backend_url(host: str, port: int) -> str:
+    """The base URL schedulers use for a backend (IPv6 addresses in brackets)."""
+    bracketed = f"[{host}]" if ":" in host and not host.startswith("[") else host
+    return f"http://{bracketed}:{port}"

@@ -191,8 +191,3 @@ class Heartbeat:
             log.info("lease revoked")
         except (StoreError, TimeoutError) as err:
             log.warning("could not revoke the lease; records expire with it: %s", err)
-
-    async def deregister(self) -> int:
-        """Delete this node's records outright (``--drain``); returns how many went."""
-        count = await self.store.delete_prefix(self.keys.node_backends(self.node))
-        return count + int(await self.store.delete(self.keys.node(self.node)))

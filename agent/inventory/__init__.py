@@ -49,16 +49,25 @@ class Inventory:
             self._nvidia, AmdDetector(sysfs_root), IntelDetector(sysfs_root, proc_root)]
         self._subsystem = uevent_subsystem
         self._lock = asyncio.Lock()
+        # Each detector's last good answer, by position in ``detectors``.
+        self._last: dict[int, list[GpuRecord]] = {}
 
     def _scan(self) -> list[GpuRecord]:
         gpus: list[GpuRecord] = []
-        for detector in self.detectors:
+        for i, detector in enumerate(self.detectors):
             try:
-                gpus.extend(detector.detect())
+                found = detector.detect()
             except Exception:
-                # One vendor's broken driver must not hide the other vendors' GPUs.
-                log.exception("GPU detector failed; its GPUs are left out of this scan",
-                              extra={"vendor": detector.vendor})
+                # One vendor's broken driver must not hide the other vendors' GPUs. And one
+                # failed read (an NVML hiccup) must not look like GPUs leaving the machine:
+                # that would take their backends' containers away. Keep the last good list;
+                # a GPU that really went is gone from the next good read.
+                found = self._last.get(i, [])
+                log.exception("GPU detector failed; keeping its last good reading",
+                              extra={"vendor": detector.vendor, "gpus": len(found)})
+            else:
+                self._last[i] = found
+            gpus.extend(found)
         nodes = {g.bus_id: g.render_node for g in enumerate_gpus(self.sysfs_root)}
         # NVML knows no DRM nodes; nvidia-drm registers them where it is loaded.
         gpus = [dataclasses.replace(g, render_node=nodes.get(g.pci_bus_id))
