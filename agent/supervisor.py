@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 # A full re-list now and then catches anything an event could not tell (belt and braces).
 RESYNC_S = 30.0
+REFUSED_RETRY_S = 2.0  # a refused removal of an unconfigured backend's container
 # Consecutive failed probes before a ready backend counts as unhealthy.
 FAILS_TO_UNHEALTHY = 2
 
@@ -155,6 +156,7 @@ class Supervisor:
         # How long the first reconcile waits for that answer: long enough for a reachable
         # etcd, short enough that an etcd outage at start does not keep backends down.
         self.drain_wait = 3.0
+        self._retry_at = 0.0  # when to retry an action Docker refused outside any backend
 
     # -- what the heartbeat and /v1/state read -------------------------------------------------
 
@@ -255,6 +257,8 @@ class Supervisor:
                 s = self.status.get(action.backend)
                 if s is not None:
                     self._failed(s, str(err))
+                else:  # a container of a backend no longer configured: try again soon
+                    self._retry_at = self._clock() + REFUSED_RETRY_S
 
     async def _act(self, action: Action) -> None:
         now = self._clock()
@@ -337,6 +341,8 @@ class Supervisor:
 
     def _next_deadline(self) -> float:
         pending = [s.not_before for s in self.status.values() if s.not_before > self._clock()]
+        if self._retry_at > self._clock():
+            pending.append(self._retry_at)
         return min([*pending, self._clock() + RESYNC_S]) - self._clock()
 
     async def run(self) -> None:

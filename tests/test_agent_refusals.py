@@ -1,0 +1,65 @@
+"""The supervisor outlives a Docker engine that refuses an action (real engine, one refusal
+injected at the adapter boundary, since a 409 cannot be provoked on demand)."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from pathlib import Path
+
+import docker
+import pytest
+from prometheus_client import CollectorRegistry
+
+from agent.config import AgentConfig
+from agent.docker.client import DockerAdapter, DockerFailed
+from agent.docker.spec import LABEL_BACKEND, LABEL_HASH, LABEL_MANAGED, LABEL_NODE
+from agent.metrics import AgentMetrics
+from agent.supervisor import Supervisor
+from tests.services import DockerEngine, until
+
+pytestmark = pytest.mark.docker
+
+
+class RefusesFirstRemoval(DockerAdapter):
+    """The real adapter, except that the first removal gets Docker's 409."""
+
+    def __init__(self, base_url: str) -> None:
+        super().__init__(base_url)
+        self.refused = 0
+
+    async def remove(self, container_id: str, *, stop_timeout: int = 10) -> None:
+        if not self.refused:
+            self.refused += 1
+            raise DockerFailed("409 Conflict: removal of container is already in progress")
+        await super().remove(container_id, stop_timeout=stop_timeout)
+
+
+async def test_a_refused_removal_is_retried_and_the_supervisor_lives_on(
+        docker_engine: DockerEngine, sim_image: str, tmp_path: Path) -> None:
+    node = f"t{uuid.uuid4().hex[:8]}"
+    client = docker.DockerClient(base_url=docker_engine.host, version="auto")
+    # A container of a backend this node's config no longer has: the supervisor removes it.
+    orphan = client.containers.create(sim_image, labels={
+        LABEL_MANAGED: "true", LABEL_NODE: node, LABEL_BACKEND: "gone", LABEL_HASH: "0"})
+    adapter = RefusesFirstRemoval(docker_engine.host)
+    config = AgentConfig(node_name=node, docker_host=docker_engine.host,
+                         models_dir=str(tmp_path), sysfs_root=str(tmp_path))
+    sup = Supervisor(config, adapter, AgentMetrics(CollectorRegistry(), node),
+                     gpus=lambda: ([], []))
+    sup.drain_wait = 0.0
+    task = asyncio.create_task(sup.run(), name="supervisor")
+    try:
+        def gone() -> bool:
+            return not client.containers.list(all=True, filters={"id": orphan.id})
+
+        await until(lambda: asyncio.to_thread(gone), 30, "the orphan removed on a later pass")
+        assert adapter.refused == 1
+        assert not task.done()  # the refusal did not end the eternal task
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await adapter.close()
+        for c in client.containers.list(all=True, filters={"label": f"{LABEL_NODE}={node}"}):
+            c.remove(force=True)
+        client.close()
