@@ -61,6 +61,18 @@ def etcd_connected(app: web.Application) -> bool:
 async def handle_openai(request: web.Request) -> web.StreamResponse:
     """POST /v1/...: check key, size and body, then forward to a backend of the model."""
     app = request.app
+    admitted = await _admit(request)
+    if isinstance(admitted, web.Response):
+        # Counted without model or backend: a client's model name is no metric label.
+        app[PROXY].count("", "", admitted.status)
+        return admitted
+    body, model = admitted
+    return await app[PROXY].forward(request, body, model)
+
+
+async def _admit(request: web.Request) -> web.Response | tuple[bytes, str]:
+    """The request's body and model, or the error answer it gets instead."""
+    app = request.app
     if not app[AUTH].allows(request.headers.get("Authorization")):
         return _unauthorized()
     limit = app[CONFIG].max_body_bytes
@@ -77,7 +89,20 @@ async def handle_openai(request: web.Request) -> web.StreamResponse:
     if not app[ROUTER].known(model):
         return error_response(404, f"The model '{model}' does not exist", "model_not_found",
                               param="model")
-    return await app[PROXY].forward(request, body, model)
+    return body, model
+
+
+@web.middleware
+async def openai_shaped_errors(request: web.Request, handler: Any) -> web.StreamResponse:
+    """A wrong path or method gets the OpenAI error shape too, not aiohttp's plain text."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+        return error_response(exc.status, f"{exc.reason}: {request.method} {request.path}",
+                              exc.reason.lower().replace(" ", "_"), headers=headers)
 
 
 async def handle_models(request: web.Request) -> web.Response:
@@ -194,7 +219,8 @@ async def _notify_ctx(app: web.Application) -> AsyncIterator[None]:
 def build_app(config: SchedulerConfig, store: Any = None, *, router: Router | None = None,
               notifier: Notifier | None = None) -> web.Application:
     """The scheduler application; ``store`` (an EtcdStore) is made from config when None."""
-    app = web.Application(client_max_size=config.max_body_bytes)
+    app = web.Application(client_max_size=config.max_body_bytes,
+                          middlewares=[openai_shaped_errors])
     keys = list(config.api_keys)
     if config.api_keys_file:
         keys += read_keys_file(config.api_keys_file)

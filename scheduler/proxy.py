@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 
 import aiohttp
@@ -32,8 +32,9 @@ HOP_BY_HOP = frozenset({
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
     "trailers", "transfer-encoding", "upgrade", "proxy-connection",
 })
-# Request headers the proxy sets itself or that only concern the client's hop.
-_DROP_REQUEST = HOP_BY_HOP | {"host", "content-length"}
+# Request headers the proxy sets itself or that only concern the client's hop. The server
+# has already decoded a compressed request body, so its Content-Encoding no longer holds.
+_DROP_REQUEST = HOP_BY_HOP | {"host", "content-length", "content-encoding"}
 BACKEND_HEADER = "x-aivmm-backend"
 # Bodies with a Content-Length up to this size are read whole before the answer starts.
 WHOLE_BODY_MAX = 1 << 20
@@ -94,7 +95,9 @@ class Proxy:
     async def open(self) -> None:
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=30)
         self.session = aiohttp.ClientSession(
-            connector=connector, auto_decompress=False, skip_auto_headers=("User-Agent",),
+            # Bodies pass through undecoded, so ask for no encoding the client did not ask for.
+            connector=connector, auto_decompress=False,
+            skip_auto_headers=("User-Agent", "Accept-Encoding", "Accept"),
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.settings.connect_timeout),
             read_bufsize=2 ** 16)
 
@@ -110,7 +113,8 @@ class Proxy:
 
     # -- accounting --------------------------------------------------------------------------
 
-    def _count(self, model: str, backend: str, status: int) -> None:
+    def count(self, model: str, backend: str, status: int) -> None:
+        """Count one answered request (model and backend empty for a rejected one)."""
         key = (model, backend, status)
         child = self._req_children.get(key)
         if child is None:
@@ -131,13 +135,15 @@ class Proxy:
 
     # -- the request -------------------------------------------------------------------------
 
-    async def _wait_for_backend(self, model: str, deadline: float) -> Backend | None:
-        """Queue until a usable backend appears or the deadline passes."""
+    async def _wait_for_backend(self, model: str, deadline: float,
+                                exclude: Callable[[], Collection[Backend]] = tuple,
+                                ) -> Backend | None:
+        """Queue until a usable backend (not in ``exclude()``) appears or the deadline passes."""
         self.metrics.queued.inc()
         try:
             while True:
                 now = self.clock()
-                b = self.router.choose(model, now)
+                b = self.router.choose(model, now, exclude())
                 if b is not None:
                     return b
                 remaining = deadline - now
@@ -151,7 +157,12 @@ class Proxy:
             self.metrics.queued.dec()
 
     async def forward(self, request: web.Request, body: bytes, model: str) -> web.StreamResponse:
-        """Send ``body`` to a backend of ``model`` and stream its answer back."""
+        """Send ``body`` to a backend of ``model`` and stream its answer back.
+
+        A backend silent for ``first_byte_timeout`` counts as failed and the request goes
+        elsewhere. For a non-streaming request the first byte comes only when generation
+        ends, so ``first_byte_timeout`` must exceed the longest answer expected unstreamed.
+        """
         s = self.settings
         start = self.clock()
         self.budget.request(start)
@@ -171,14 +182,24 @@ class Proxy:
             headers = [(k, v) for k, v in request.headers.items() if k.lower() not in drop]
             url_path = request.raw_path
             tried: list[Backend] = []
+            tried_at: dict[str, int] = {}
+
+            def still_out() -> list[Backend]:
+                # A backend already tried is out of this request's choice, unless its agent
+                # has since reported it ready again (it was restarted, not merely slow).
+                return [t for t in tried if t.revivals == tried_at[t.key]]
+
             last: _Failed | None = None
+            deadline = start + s.request_timeout
             while True:
                 tried.append(b)
+                tried_at[b.key] = b.revivals
                 backend_key = b.key
                 try:
                     resp = await self._attempt(request, b, model, url_path, headers, body,
-                                               deadline=start + s.request_timeout,
-                                               can_retry=lambda: self._can_retry(model, tried))
+                                               deadline=deadline,
+                                               can_retry=lambda: self._can_retry(
+                                                   model, len(tried), still_out()))
                     status = resp.status
                     return resp
                 except _Failed as err:
@@ -188,14 +209,14 @@ class Proxy:
                     log.info("attempt failed", extra={
                         "backend": b.key, "model": model, "reason": err.reason})
                     nxt = None
-                    if len(tried) < s.max_attempts:
-                        nxt = self.router.choose(model, now, exclude=tried)
+                    if len(tried) < s.max_attempts and now < deadline:
+                        nxt = self.router.choose(model, now, exclude=still_out())
                         if nxt is None:
                             # Every other backend is briefly out (ejected, or restarting
                             # after the same crash): queue for one, as a new request would,
-                            # rather than fail at once. A backend already tried may serve
-                            # again once its agent reports it ready.
-                            nxt = await self._wait_for_backend(model, start + s.queue_timeout)
+                            # rather than fail at once.
+                            nxt = await self._wait_for_backend(
+                                model, min(start + s.queue_timeout, deadline), still_out)
                     if nxt is None:
                         break
                     if not self.budget.try_retry(now):
@@ -211,13 +232,13 @@ class Proxy:
             raise
         finally:
             self.metrics.inflight.dec()
-            self._count(model, backend_key, status)
+            self.count(model, backend_key, status)
             self.metrics.duration.labels(model).observe(self.clock() - start)
 
-    def _can_retry(self, model: str, tried: list[Backend]) -> bool:
+    def _can_retry(self, model: str, attempts: int, out: list[Backend]) -> bool:
         now = self.clock()
-        if (len(tried) >= self.settings.max_attempts
-                or self.router.choose(model, now, exclude=tried) is None):
+        if (attempts >= self.settings.max_attempts
+                or self.router.choose(model, now, exclude=out) is None):
             return False
         if not self.budget.can_retry(now):
             self.metrics.budget_refusals.labels(model).inc()
@@ -308,11 +329,15 @@ class Proxy:
         except (TimeoutError, aiohttp.ClientError, ConnectionError, OSError) as err:
             if request.transport is None or request.transport.is_closing():
                 raise  # the client left, not the backend: nothing to tell anyone
-            why = "stalled" if isinstance(err, TimeoutError) else "broken"
-            self.metrics.broken_streams.labels(model, b.key).inc()
-            log.warning("stream broke after bytes were sent", extra={
-                "backend": b.key, "model": model, "why": why})
-            self._failure(b, self.clock(), f"stream_{why}")
+            if isinstance(err, TimeoutError) and loop.time() >= end:
+                # The request outlived request_timeout: our limit, not the backend's fault.
+                why = "exceeded request_timeout"
+            else:
+                why = "stalled" if isinstance(err, TimeoutError) else "broken"
+                self.metrics.broken_streams.labels(model, b.key).inc()
+                log.warning("stream broke after bytes were sent", extra={
+                    "backend": b.key, "model": model, "why": why})
+                self._failure(b, self.clock(), f"stream_{why}")
             if sse:
                 with contextlib.suppress(ConnectionError, aiohttp.ClientError):
                     await resp.write(sse_error_event(f"backend {b.key} stream {why}"))

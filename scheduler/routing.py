@@ -82,6 +82,7 @@ class Backend:
     models: tuple[str, ...]
     ready: bool
     api: str = ""  # the base of the engine's OpenAI API: url + the record's api_path
+    revivals: int = 0  # times its agent reported it ready again after it was not
     waiting: int = 0
     probe_latency_s: float | None = None
     ewma_s: float = 0.0
@@ -134,6 +135,7 @@ def _refresh(b: Backend, record: BackendRecord) -> None:
     ready = record.state == "ready"
     if ready and not b.ready:
         b.ejection.lift()
+        b.revivals += 1
     b.ready = ready
     b.waiting = (record.load.waiting or 0) if record.load else 0
     b.probe_latency_s = (record.probe_latency_ms / 1000.0

@@ -76,11 +76,8 @@ def embedding_inputs(value: Any) -> list[str]:
 
 def embedding(text: str, dim: int) -> list[float]:
     """A unit-length vector of ``dim`` floats derived from a hash of ``text``."""
-    raw = b""
-    counter = 0
-    while len(raw) < dim * 4:
-        raw += hashlib.sha256(f"{counter}:{text}".encode()).digest()
-        counter += 1
+    blocks = -(-dim * 4 // 32)  # sha256 digests needed for dim float32s
+    raw = b"".join(hashlib.sha256(f"{i}:{text}".encode()).digest() for i in range(blocks))
     values = [v / 2**31 - 1.0 for v in struct.unpack(f"<{dim}I", raw[: dim * 4])]
     norm = math.sqrt(sum(v * v for v in values)) or 1.0
     return [v / norm for v in values]

@@ -29,6 +29,8 @@ __all__ = ["STATE", "SimSettings", "SimState", "create_app"]
 # pretends a request takes this share of the cache.
 _CACHE_SHARE_UNLIMITED = 1 / 16
 
+MAX_DIMENSIONS = 65536
+
 
 class SimState:
     """The live knobs and load of one sim server."""
@@ -348,8 +350,9 @@ async def _embeddings(request: web.Request) -> web.StreamResponse:
         except ValueError as err:
             raise _Reject(_error(400, str(err), param="input")) from None
         dim = body.get("dimensions") or state.settings.embedding_dim
-        if not isinstance(dim, int) or isinstance(dim, bool) or dim < 1:
-            raise _Reject(_error(400, "dimensions: expected a positive integer",
+        # Bounded: one request must not stall the engine's loop building a giant vector.
+        if not isinstance(dim, int) or isinstance(dim, bool) or not 1 <= dim <= MAX_DIMENSIONS:
+            raise _Reject(_error(400, f"dimensions: expected an integer 1..{MAX_DIMENSIONS}",
                                  param="dimensions"))
         as_base64 = body.get("encoding_format") == "base64"
     except _Reject as reject:

@@ -150,6 +150,20 @@ async def test_bad_input_gets_openai_errors(etcd_server: EtcdServer, prefix: str
                 await client.post("/chat/completions", body={"messages": []}, cast_to=object)
         finally:
             await client.close()
+        # Rejections are counted, without the client's model name as a label.
+        text = await s.metrics()
+        for status in (400, 404, 413):
+            assert metric_value(text, "aivmm_scheduler_requests_total", model="",
+                                status=str(status)) >= 1
+        assert 'model="nope"' not in text
+        # A wrong path or method answers in the same shape, not in aiohttp's plain text.
+        async with aiohttp.ClientSession() as http:
+            async with http.get(url) as resp:
+                assert resp.status == 405 and "POST" in resp.headers["Allow"]
+                assert set((await resp.json())["error"]) == {"message", "type", "param", "code"}
+            async with http.post(s.url + "/v1/nothing-here", data=b"{}") as resp:
+                assert resp.status == 404
+                assert (await resp.json())["error"]["type"] == "not_found_error"
 
 
 async def test_authentication_on(etcd_server: EtcdServer, prefix: str, writer: EtcdStore,

@@ -278,3 +278,23 @@ async def test_etcd_down_keeps_routing_then_resyncs(etcd_own: EtcdServer, prefix
 
 async def _etcd_up(s: Scheduler, value: int) -> bool:
     return metric_value(await s.metrics(), "aivmm_scheduler_etcd_watch_up") == value
+
+
+async def test_failover_never_resends_to_the_backend_that_just_failed(
+        etcd_server: EtcdServer, prefix: str, writer: EtcdStore) -> None:
+    # One backend that resets every connection: the request fails once, after waiting for
+    # another backend; it is not sent to the same sick one max_attempts times.
+    with SimProcess(["m"], name="a", fail_mode="reset") as sim:
+        await publish(writer, prefix, sim)
+        async with Scheduler(etcd_server.url, prefix, queue_timeout=0.3) as s:
+            await s.wait_models("m")
+            client = s.client()
+            try:
+                with pytest.raises(openai.APIStatusError) as info:
+                    await client.completions.create(model="m", prompt="hi")
+            finally:
+                await client.close()
+            assert info.value.status_code == 502
+            text = await s.metrics()
+            assert metric_value(text, "aivmm_scheduler_failovers_total", backend="n1/a") == 1
+
