@@ -57,7 +57,7 @@ async def test_sigkilled_agent_leaves_its_backend_serving_and_is_adopted_on_rest
         await load.wait_requests(10, backend=a.served_as)
         assert a.agent is not None
         a.agent.signal(signal.SIGKILL)
-        a.agent.wait()
+        await asyncio.to_thread(a.agent.wait)  # the load keeps running meanwhile
         killed = time.monotonic()
         # Without its agent the engine keeps answering: the scheduler still routes to it.
         await load.wait_requests(10, since=killed, backend=a.served_as)
@@ -91,7 +91,7 @@ async def test_lost_node_is_routed_around_and_its_records_expire(
         a.agent.signal(signal.SIGKILL)
         await asyncio.to_thread(lambda: a.container().kill())
         lost = time.monotonic()
-        a.agent.wait()
+        await asyncio.to_thread(a.agent.wait)
 
         async def gone() -> bool:
             return not [k for k in await a.fleet.node_keys() if f"/{a.name}" in k]

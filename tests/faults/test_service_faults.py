@@ -108,7 +108,7 @@ async def test_killed_scheduler_replica_leaves_the_other_serving(
         await load.wait_requests(10)
         assert first.proc is not None
         first.proc.send_signal(signal.SIGKILL)
-        first.proc.wait()
+        await asyncio.to_thread(first.proc.wait)
         killed = time.monotonic()
         await doomed.stop()  # its clients would now go to the survivor
         # New connections, as a load balancer would open after taking the dead one out.

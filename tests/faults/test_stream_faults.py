@@ -12,6 +12,7 @@ import pytest
 
 from tests.faults.cluster import MODEL, Load
 from tests.faults.conftest import Cluster
+from tests.services import until
 
 pytestmark = pytest.mark.docker
 
@@ -41,7 +42,11 @@ async def test_stream_cut_by_a_dying_backend_ends_with_an_error_event(
         events = [line for line in rest.split(b"\n") if line.startswith(b"data: ")]
         assert events and b'"error"' in events[-1], rest[-300:]
         assert served.name.encode() in events[-1]
-        await served.ready()
+        # The record may still say "ready" from before the kill: wait for the restart itself.
+        async def restarted() -> bool:
+            r = await served.record()
+            return r is not None and r.state == "ready" and r.restarts >= 1
+        await until(restarted, 60, "the killed backend restarted and ready")
         await asyncio.to_thread(served.set_knobs, **SLOW)  # a restarted sim starts afresh
 
         # Then through the openai package: the error event surfaces as an APIError.
