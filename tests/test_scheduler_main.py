@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import signal
 import subprocess
 import sys
+import threading
 import urllib.request
 from pathlib import Path
 
 import pytest
 
+from common.store import EtcdStore
+from tests.schedharness import publish
 from tests.services import EtcdServer, free_port, wait_until
+from tests.simproc import SimProcess
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -93,3 +99,50 @@ def test_reuse_port_lets_several_processes_share_one_port(tmp_path: Path,
                 p.wait()
             p.stdout.close()  # type: ignore[union-attr]
             p.stderr.close()  # type: ignore[union-attr]
+
+
+def test_client_leaving_before_the_first_byte_stops_the_backend_work(
+        tmp_path: Path, etcd_server: EtcdServer, prefix: str) -> None:
+    # The real command, so its own server settings are what is tested: a client that gives
+    # up must not leave the engine generating for nobody.
+    async def publish_sim(sim: SimProcess) -> None:
+        async with EtcdStore([etcd_server.url]) as store:
+            await publish(store, prefix, sim)
+
+    def running(sim: SimProcess) -> float:
+        with urllib.request.urlopen(sim.url + "/metrics", timeout=2) as r:
+            text = r.read().decode()
+        return sum(float(line.rpartition(" ")[2]) for line in text.splitlines()
+                   if line.startswith("vllm:num_requests_running"))
+
+    with SimProcess(["m"], name="slow", latency_ms=20000) as sim:
+        asyncio.run(publish_sim(sim))
+        port = free_port()
+        (tmp_path / "s.toml").write_text(f'etcd_prefix = "{prefix}"\n')
+        proc = run("--config", str(tmp_path / "s.toml"), "--etcd", etcd_server.url,
+                   "--listen", f"127.0.0.1:{port}")
+        try:
+            def has_model() -> bool:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models",
+                                            timeout=1) as r:
+                    return b'"m"' in r.read()
+            wait_until(has_model, 20, "the scheduler to see the backend")
+            body = b'{"model": "m", "prompt": "hi", "stream": true}'
+            req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", data=body,
+                                         headers={"Content-Type": "application/json"})
+
+            def client() -> None:
+                with contextlib.suppress(TimeoutError, OSError):
+                    urllib.request.urlopen(req, timeout=3.0)  # gives up long before 20 s
+
+            gives_up = threading.Thread(target=client)
+            gives_up.start()
+            wait_until(lambda: running(sim) == 1, 5, "the backend working on the request")
+            gives_up.join(10)
+            # The engine stops well before its 20 s would have ended.
+            wait_until(lambda: running(sim) == 0, 8, "the backend to drop the request")
+        finally:
+            proc.terminate()
+            proc.wait(20)
+            proc.stdout.close()  # type: ignore[union-attr]
+            proc.stderr.close()  # type: ignore[union-attr]
