@@ -46,6 +46,9 @@ class GpuRecord:
     driver: str | None = None
     driver_version: str | None = None
     mig_enabled: bool | None = None
+    # The DRM primary node ("/dev/dri/card1"): numbered apart from render nodes (a BMC's
+    # display or simpledrm may take card0), so it is read from sysfs, never derived.
+    card_node: str | None = None
 
 
 @dataclass(slots=True)
@@ -187,6 +190,7 @@ _GPU: dict[str, Check] = {
     "memory_total_bytes": _opt(_int), "memory_used_bytes": _opt(_int),
     "utilization": _opt(_num), "temperature_c": _opt(_num), "power_w": _opt(_num),
     "driver": _opt(_str), "driver_version": _opt(_str), "mig_enabled": _opt(_bool),
+    "card_node": _opt(_str),
 }
 _NODE: dict[str, Check] = {
     "node": _str, "agent_version": _str, "started_at": _num, "heartbeat_at": _num,

@@ -18,6 +18,7 @@ class SysfsTree:
     def __init__(self, root: Path) -> None:
         self.root = root
         self._cards = 0
+        self._renders = 0
         self._hwmons = 0
         (root / "class" / "drm").mkdir(parents=True, exist_ok=True)
         (root / "bus" / "pci" / "devices").mkdir(parents=True, exist_ok=True)
@@ -50,11 +51,16 @@ class SysfsTree:
         return dev
 
     def drm(self, dev: Path, *, render: bool = True) -> tuple[str, str | None]:
-        """Register cardN (and renderD(128+N)) for a function, as a DRM driver does."""
+        """Register cardN (and a render node) for a function, as a DRM driver does.
+
+        The kernel numbers render nodes apart from cards: a display-only card (a BMC's)
+        takes a card number but no render number, and the two drift apart after it."""
         n = self._cards
         self._cards += 1
         bdf = dev.name
-        names = [f"card{n}"] + ([f"renderD{128 + n}"] if render else [])
+        names = [f"card{n}"] + ([f"renderD{128 + self._renders}"] if render else [])
+        if render:
+            self._renders += 1
         for name in names:
             node = dev / "drm" / name
             node.mkdir(parents=True)

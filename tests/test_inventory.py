@@ -444,3 +444,13 @@ async def test_changes_yield_on_a_real_kernel_uevent(tree: SysfsTree) -> None:
         with contextlib.suppress(asyncio.CancelledError):
             await task
         await changes.aclose()
+
+
+async def test_card_node_is_read_not_derived_from_the_render_node(tree: SysfsTree) -> None:
+    # A server's BMC (ASPEED, display only) registers card0 and no render node, so the Arc
+    # is card1 with renderD128: deriving card0 from renderD128 would hand out the BMC.
+    bmc = tree.pci_function("0000:02:00.0", 0x1A03, 0x2000, 0x030000, "ast")
+    tree.drm(bmc, render=False)
+    tree.add_i915_arc("0000:04:00.0")
+    (arc,) = await inventory(tree).scan()
+    assert (arc.render_node, arc.card_node) == ("/dev/dri/renderD128", "/dev/dri/card1")

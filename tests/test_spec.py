@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from agent.config import BackendConfig
-from agent.docker.spec import LABEL_HASH, ContainerSpec, build_spec, card_node
+from agent.docker.spec import LABEL_HASH, ContainerSpec, build_spec
 from tests.test_placement import gpu
 
 
@@ -49,14 +51,15 @@ def test_amd_gets_kfd_its_render_nodes_and_video_render_groups() -> None:
 
 
 def test_intel_gets_render_and_card_nodes_and_an_affinity_mask_on_multi_gpu_nodes() -> None:
-    g1, g2 = gpu(1, "intel"), gpu(2, "intel")
+    # A BMC's display took card0: the Arc's primary node is card2, not "card1" from renderD129.
+    g1 = dataclasses.replace(gpu(1, "intel"), card_node="/dev/dri/card2")
+    g2 = gpu(2, "intel")
     alone = spec("ipex-llm", (g1,), "intel", node_gpus=(g1,))
     assert alone.devices == ["/dev/dri/renderD129:/dev/dri/renderD129:rwm",
-                             "/dev/dri/card1:/dev/dri/card1:rwm"]
+                             "/dev/dri/card2:/dev/dri/card2:rwm"]
     assert "ZE_AFFINITY_MASK" not in alone.env
     shared = spec("ipex-llm", (g2,), "intel", node_gpus=(g1, g2))
     assert shared.env["ZE_AFFINITY_MASK"] == "0"
-    assert card_node("/dev/dri/renderD128") == "/dev/dri/card0"
 
 
 def test_bridge_network_publishes_the_port_on_the_advertised_address() -> None:

@@ -8,7 +8,6 @@ hash and a recreated container, and an agent restart with the same config adopts
 from __future__ import annotations
 
 import hashlib
-import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 
@@ -23,7 +22,6 @@ LABEL_NODE = "aivmm.node"
 LABEL_BACKEND = "aivmm.backend"
 LABEL_HASH = "aivmm.config-hash"
 MODELS_MOUNT = "/models"
-_RENDER = re.compile(r"^(?P<dir>.*/)renderD(?P<minor>\d+)$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,14 +63,6 @@ def container_name(node: str, backend: str) -> str:
     return f"aivmm-{node}-{backend}"
 
 
-def card_node(render_node: str) -> str | None:
-    """The primary node of a render node: DRM numbers renderD(128+n) and cardn as one device."""
-    m = _RENDER.match(render_node)
-    if not m:
-        return None
-    return f"{m['dir']}card{int(m['minor']) - 128}"
-
-
 def _gpu_access(vendor: Vendor | None, gpus: Sequence[GpuRecord],
                 node_gpus: Sequence[GpuRecord]) -> tuple[list[str], list[str], list[str],
                                                         dict[str, str]]:
@@ -89,7 +79,7 @@ def _gpu_access(vendor: Vendor | None, gpus: Sequence[GpuRecord],
         devices = ["/dev/kfd", *renders]
         return [], [f"{d}:{d}:rwm" for d in devices], ["video", "render"], \
             {"HIP_VISIBLE_DEVICES": local}
-    cards = [c for c in (card_node(r) for r in renders) if c]
+    cards = [g.card_node for g in gpus if g.card_node]
     devices = [*renders, *cards]
     env = {}
     if sum(1 for g in node_gpus if g.vendor == "intel") > 1:

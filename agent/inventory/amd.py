@@ -48,6 +48,7 @@ def read_amd(gpu: PciGpu, version: str | None) -> GpuRecord:
         index=0, vendor="amd",
         name=read_text(dev / "product_name") or pci_name("AMD", gpu.vendor_id, gpu.device_id),
         uuid=amd_uuid(gpu), pci_bus_id=gpu.bus_id, render_node=gpu.render_node,
+        card_node=f"/dev/dri/{gpu.card}" if gpu.card else None,
         # amdgpu exposes no "this is an APU" flag in sysfs; see docs/inventory.md.
         integrated=False,
         memory_total_bytes=read_int(dev / "mem_info_vram_total"),

@@ -158,6 +158,7 @@ class IntelDetector:
                 name=pci_name("Intel", gpu.vendor_id, gpu.device_id),
                 uuid=pci_uuid(gpu.bus_id), pci_bus_id=gpu.bus_id,
                 render_node=gpu.render_node, integrated=integrated,
+                card_node=f"/dev/dri/{gpu.card}" if gpu.card else None,
                 memory_total_bytes=_vram_total(gpu), memory_used_bytes=used,
                 utilization=None,
                 temperature_c=hwmon_temperature(hwmon, _TEMPERATURES),
