@@ -27,6 +27,7 @@ import contextlib
 import json
 import os
 import platform
+import shutil
 import signal
 import sys
 import tempfile
@@ -300,6 +301,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
             c.close()
         engine.close()
         etcd.close()
+        shutil.rmtree(tmp, ignore_errors=True)  # configs and agent logs
     return out
 
 
