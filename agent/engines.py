@@ -74,18 +74,21 @@ def _no_args(model: str, host: str, port: int) -> list[str]:
 # Engines read weights from the read-only /models mount and must never try to download.
 _OFFLINE = {"HF_HOME": "/models", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
+# Default images are pinned, the same tags docker/*/Dockerfile build on (a test keeps the two
+# in step): a moving tag would change what a node runs without anyone changing its config.
 PROFILES: dict[tuple[str, Vendor | None], Profile] = {
-    ("vllm", "nvidia"): Profile("vllm", "nvidia", "vllm/vllm-openai:latest", _vllm_args,
+    ("vllm", "nvidia"): Profile("vllm", "nvidia", "vllm/vllm-openai:v0.6.4.post1", _vllm_args,
                                 env=dict(_OFFLINE)),
-    ("vllm", "amd"): Profile("vllm", "amd", "rocm/vllm:latest", _vllm_args,
+    ("vllm", "amd"): Profile("vllm", "amd",
+                             "rocm/vllm:rocm6.2_mi300_ubuntu20.04_py3.9_vllm_0.6.4", _vllm_args,
                              env=dict(_OFFLINE),
                              entrypoint=["python3", "-m", "vllm.entrypoints.openai.api_server"]),
     ("ipex-llm", "intel"): Profile(
-        "ipex-llm", "intel", "intelanalytics/ipex-llm-serving-xpu:latest", _ipex_args,
+        "ipex-llm", "intel", "intelanalytics/ipex-llm-serving-xpu:2.2.0", _ipex_args,
         env={**_OFFLINE, "SYCL_CACHE_PERSISTENT": "1", "ZES_ENABLE_SYSMAN": "1"},
         entrypoint=["python", "-m", "ipex_llm.vllm.xpu.entrypoints.openai.api_server"]),
     ("openvino", "intel"): Profile(
-        "openvino", "intel", "openvino/model_server:latest-gpu", _ovms_args,
+        "openvino", "intel", "openvino/model_server:2024.5-gpu", _ovms_args,
         health_path="/v2/health/ready", env={"HF_HUB_OFFLINE": "1"}, api_path="/v3"),
     # The sim image's own entrypoint runs the server (sim/image.py).
     ("sim", None): Profile("sim", None, "aivmm-sim:latest", _sim_args),

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 from agent.config import BackendConfig
 from agent.docker.spec import LABEL_HASH, ContainerSpec, build_spec
+from agent.engines import PROFILES
 from tests.test_placement import gpu
 
 
@@ -94,3 +96,17 @@ def test_openvino_serves_the_api_under_v3_and_config_can_override_it() -> None:
                            api_path="/openai/v1")
     assert build_spec("n", custom, [], None, models_dir="/m",
                       advertise_host="127.0.0.1").api_path == "/openai/v1"
+
+
+def test_default_engine_images_are_pinned_and_match_the_dockerfiles() -> None:
+    # docker/<dir>/Dockerfile builds each vendor's image on the same upstream tag the agent
+    # runs by default; neither may drift to a moving tag.
+    root = Path(__file__).resolve().parent.parent / "docker"
+    pairs = {"vllm-cuda": ("vllm", "nvidia"), "vllm-rocm": ("vllm", "amd"),
+             "ipex-llm": ("ipex-llm", "intel"), "openvino": ("openvino", "intel")}
+    for folder, key in pairs.items():
+        (base,) = [line.split()[1] for line in (root / folder / "Dockerfile").read_text()
+                   .splitlines() if line.startswith("FROM ")]
+        image = PROFILES[key].image
+        assert image == base, (folder, image, base)
+        assert image is not None and not image.endswith(":latest")
