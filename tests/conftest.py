@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
+from common.store import EtcdStore
 from tests.services import DockerEngine, EtcdServer
 
 
@@ -27,6 +28,13 @@ def etcd_own() -> Iterator[EtcdServer]:
     server.start()
     yield server
     server.close()
+
+
+@pytest.fixture
+async def writer(etcd_server: EtcdServer) -> AsyncIterator[EtcdStore]:
+    """A store on the session etcd, for tests that write records as an agent would."""
+    async with EtcdStore([etcd_server.url]) as store:
+        yield store
 
 
 @pytest.fixture

@@ -39,12 +39,6 @@ def sims() -> Iterator[list[SimProcess]]:
 
 
 @pytest.fixture
-async def writer(etcd_server: EtcdServer) -> AsyncIterator[EtcdStore]:
-    async with EtcdStore([etcd_server.url]) as store:
-        yield store
-
-
-@pytest.fixture
 async def sched(etcd_server: EtcdServer, prefix: str, writer: EtcdStore,
                 sims: list[SimProcess]) -> AsyncIterator[Scheduler]:
     for sim in sims:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 
 import aiohttp
 import openai
@@ -29,12 +29,6 @@ def pair() -> Iterator[list[SimProcess]]:
     finally:
         for sim in sims:
             sim.stop()
-
-
-@pytest.fixture
-async def writer(etcd_server: EtcdServer) -> AsyncIterator[EtcdStore]:
-    async with EtcdStore([etcd_server.url]) as store:
-        yield store
 
 
 async def complete(client: openai.AsyncOpenAI, model: str = "m") -> str:
