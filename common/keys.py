@@ -42,10 +42,53 @@ class Keys:
 
     def split_backend(self, key: str) -> tuple[str, str] | None:
         """``(node, name)`` of a backend key, or None for a key that is not one."""
-        rest = key.removeprefix(self.backends)
-        if rest == key:
-            return None
-        node, sep, name = rest.partition("/")
-        if not sep or not node or not name or "/" in name:
-            return None
-        return node, name
+        return _split_two(key, self.backends)
+
+    # -- deployments (docs/deployments.md) ---------------------------------------------------
+
+    @property
+    def deployments(self) -> str:
+        """Prefix of every deployment (desired state, written by operators)."""
+        return f"{self.prefix}/deployments/"
+
+    def deployment(self, name: str) -> str:
+        return f"{self.prefix}/deployments/{name}"
+
+    @property
+    def assignments(self) -> str:
+        """Prefix of every assignment (written by the elected placer only)."""
+        return f"{self.prefix}/assignments/"
+
+    def node_assignments(self, node: str) -> str:
+        """Prefix of one node's assignments: the only part of the tree its agent watches."""
+        return f"{self.prefix}/assignments/{node}/"
+
+    def assignment(self, node: str, name: str) -> str:
+        return f"{self.prefix}/assignments/{node}/{name}"
+
+    def split_assignment(self, key: str) -> tuple[str, str] | None:
+        """``(node, backend name)`` of an assignment key, or None for a key that is not one."""
+        return _split_two(key, self.assignments)
+
+    @property
+    def placements(self) -> str:
+        """Prefix of the placer's per-deployment status (placed, pending and why)."""
+        return f"{self.prefix}/placement/"
+
+    def placement(self, deployment: str) -> str:
+        return f"{self.prefix}/placement/{deployment}"
+
+    @property
+    def placer_leader(self) -> str:
+        """The election key: present, under its holder's lease, while a placer leads."""
+        return f"{self.prefix}/placer/leader"
+
+
+def _split_two(key: str, prefix: str) -> tuple[str, str] | None:
+    rest = key.removeprefix(prefix)
+    if rest == key:
+        return None
+    first, sep, second = rest.partition("/")
+    if not sep or not first or not second or "/" in second:
+        return None
+    return first, second

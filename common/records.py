@@ -10,6 +10,10 @@ can skip and count the record instead of crashing.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import re
+import types
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
@@ -17,10 +21,14 @@ from typing import Any, Literal, TypeVar
 import orjson
 
 SCHEMA = 1
-VENDORS = ("nvidia", "amd", "intel")
-STATES = ("starting", "ready", "unhealthy", "stopped")
 Vendor = Literal["nvidia", "amd", "intel"]
 State = Literal["starting", "ready", "unhealthy", "stopped"]
+Policy = Literal["spread", "binpack"]
+VENDORS: tuple[Vendor, ...] = typing.get_args(Vendor)
+STATES: tuple[State, ...] = typing.get_args(State)
+POLICIES: tuple[Policy, ...] = typing.get_args(Policy)
+# Names of nodes, backends and deployments: they become etcd key parts and container names.
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 
 
 class RecordError(ValueError):
@@ -61,6 +69,8 @@ class NodeRecord:
     heartbeat_at: float
     gpus: list[GpuRecord] = field(default_factory=list)
     agent_url: str | None = None
+    # Operator labels from agent.toml's [labels]; deployments may require some of them.
+    labels: dict[str, str] = field(default_factory=dict)
     schema: int = SCHEMA
 
 
@@ -93,6 +103,8 @@ class BackendRecord:
     restarts: int = 0
     # Where the engine serves the OpenAI API under ``url`` (OpenVINO Model Server: /v3).
     api_path: str = "/v1"
+    # The deployment this backend is a replica of; None for a backend pinned in agent.toml.
+    deployment: str | None = None
     schema: int = SCHEMA
 
 
@@ -107,69 +119,190 @@ class DrainRecord:
     schema: int = SCHEMA
 
 
+@dataclass(slots=True)
+class DeploymentRecord:
+    """``{prefix}/deployments/{name}``: a model the fleet should serve (desired state).
+
+    Written by operators (``aivmmctl deploy``/``scale``); read by the placer. A replica takes
+    ``gpus`` whole GPUs of one node, or, when ``memory_bytes`` is set, that much memory of
+    one GPU that other replicas may share. ``engine`` "auto" means any engine whose profile
+    runs on the chosen GPU's vendor.
+    """
+
+    name: str
+    model: str
+    engine: str = "auto"
+    replicas: int = 1
+    gpus: int = 1
+    memory_bytes: int | None = None
+    vendors: list[Vendor] = field(default_factory=list)
+    nodes: list[str] = field(default_factory=list)
+    labels: dict[str, str] = field(default_factory=dict)
+    image: str | None = None
+    args: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    placement: Policy = "spread"
+    created_at: float = 0.0
+    updated_at: float = 0.0
+    schema: int = SCHEMA
+
+
+def deployment_problem(d: DeploymentRecord) -> str | None:
+    """Why a deployment cannot be acted on (shared by aivmmctl and every reader), or None."""
+    if not NAME.match(d.name) or len(d.name) > 48:
+        return "field 'name': expected a name of letters, digits, '.', '_' or '-' (max 48)"
+    if not d.model.strip():
+        return "field 'model': expected a model id"
+    if d.replicas < 0:
+        return "field 'replicas': expected an integer >= 0"
+    if d.gpus < 0:
+        return "field 'gpus': expected an integer >= 0"
+    if d.memory_bytes is not None and d.memory_bytes <= 0:
+        return "field 'memory_bytes': expected a size > 0"
+    return None
+
+
+@dataclass(slots=True)
+class AssignmentRecord:
+    """``{prefix}/assignments/{node}/{deployment}-{replica}``: one replica placed on a node.
+
+    Written only by the elected placer, in transactions fenced on its election; the node's
+    agent runs a backend named :attr:`name` for it. Self-contained: the agent needs nothing
+    else to build the container.
+    """
+
+    deployment: str
+    replica: int
+    node: str
+    model: str
+    engine: str
+    vendor: Vendor | None = None
+    gpus: list[int] = field(default_factory=list)
+    gpu_uuids: list[str] = field(default_factory=list)
+    # Memory reserved on each of ``gpus`` when replicas share a GPU; None: whole GPUs.
+    memory_bytes: int | None = None
+    image: str | None = None
+    args: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    # A digest of the deployment fields the container depends on: a changed deployment
+    # makes a new generation, and its replicas are placed again.
+    generation: str = ""
+    assigned_at: float = 0.0
+    schema: int = SCHEMA
+
+    @property
+    def name(self) -> str:
+        """The backend name on the node (and the last part of the assignment key)."""
+        return f"{self.deployment}-{self.replica}"
+
+
+@dataclass(slots=True)
+class PlacementStatus:
+    """``{prefix}/placement/{deployment}``: what the placer did with a deployment.
+
+    ``pending`` replicas could not be placed; ``reasons`` says why, naming the shortfall.
+    """
+
+    deployment: str
+    placed: int
+    pending: int
+    reasons: list[str] = field(default_factory=list)
+    placer: str = ""
+    updated_at: float = 0.0
+    schema: int = SCHEMA
+
+
+@dataclass(slots=True)
+class LeaderRecord:
+    """``{prefix}/placer/leader``: the scheduler process that places, under its lease."""
+
+    holder: str
+    since: float
+    schema: int = SCHEMA
+
+
 # -- reading -----------------------------------------------------------------------------------
+# The checks are derived from each record's type hints, so a record is declared once: a field
+# added to a dataclass is read back by every reader without a second table to keep in step.
 
 Check = Callable[[Any], Any]
 R = TypeVar("R")
 
 
-def _str(v: Any) -> str:
-    if not isinstance(v, str):
-        raise TypeError("a string")
-    return v
+def _describe(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if tp is str:
+        return "a string"
+    if tp is bool:
+        return "true or false"
+    if tp is int:
+        return "an integer"
+    if tp is float:
+        return "a number"
+    if origin is Literal:
+        return "one of " + ", ".join(typing.get_args(tp))
+    if origin is list:
+        return "a list"
+    if origin is dict:
+        return "an object of strings"
+    return "an object"
 
 
-def _int(v: Any) -> int:
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise TypeError("an integer")
-    return v
+def _check_for(tp: Any) -> Check:
+    """A function that returns the value converted to ``tp`` or raises TypeError/RecordError."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in args if a is not type(None)]
+        if len(inner) != 1:
+            raise TypeError(f"records support only 'X | None' unions, not {tp!r}")
+        check = _check_for(inner[0])
+        return lambda v: None if v is None else check(v)
+    if origin is list:
+        each = _check_for(args[0])
 
+        def check_list(v: Any) -> list[Any]:
+            if not isinstance(v, list):
+                raise TypeError("a list")
+            return [each(item) for item in v]
+        return check_list
+    if origin is dict:
+        def check_dict(v: Any) -> dict[str, str]:
+            if not isinstance(v, dict) or not all(isinstance(x, str) for x in v.values()):
+                raise TypeError("an object of strings")
+            return dict(v)
+        return check_dict
+    if origin is Literal:
+        def check_choice(v: Any) -> Any:
+            if v not in args:
+                raise TypeError(_describe(tp))
+            return v
+        return check_choice
+    if dataclasses.is_dataclass(tp):
+        return lambda v: _build(tp, v)
 
-def _num(v: Any) -> float:
-    if isinstance(v, bool) or not isinstance(v, int | float):
-        raise TypeError("a number")
-    return float(v)
-
-
-def _bool(v: Any) -> bool:
-    if not isinstance(v, bool):
-        raise TypeError("true or false")
-    return v
-
-
-def _one_of(*choices: str) -> Check:
-    def check(v: Any) -> str:
-        if v not in choices:
-            raise TypeError("one of " + ", ".join(choices))
+    def check_plain(v: Any) -> Any:
+        if isinstance(v, bool) and tp is not bool:
+            raise TypeError(_describe(tp))
+        if tp is float and isinstance(v, int):
+            return float(v)
+        if not isinstance(v, tp):
+            raise TypeError(_describe(tp))
         return v
-    return check
+    return check_plain
 
 
-def _opt(check: Check) -> Check:
-    def optional(v: Any) -> Any:
-        return None if v is None else check(v)
-    return optional
+@functools.cache
+def _checks(cls: type[Any]) -> dict[str, Check]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: _check_for(hints[f.name]) for f in dataclasses.fields(cls)}
 
 
-def _list(check: Check) -> Check:
-    def each(v: Any) -> list[Any]:
-        if not isinstance(v, list):
-            raise TypeError("a list")
-        return [check(item) for item in v]
-    return each
-
-
-def _nested(cls: type[R], checks: dict[str, Check]) -> Check:
-    def nested(v: Any) -> R:
-        return _build(cls, v, checks)
-    return nested
-
-
-def _build(cls: type[R], data: Any, checks: dict[str, Check]) -> R:
+def _build(cls: type[R], data: Any) -> R:
     if not isinstance(data, dict):
         raise TypeError("an object")
     kwargs = {}
-    for name, check in checks.items():
+    for name, check in _checks(cls).items():
         if name in data:
             try:
                 kwargs[name] = check(data[name])
@@ -184,31 +317,8 @@ def _build(cls: type[R], data: Any, checks: dict[str, Check]) -> R:
         raise RecordError(f"missing field(s) {missing}") from None
 
 
-_GPU: dict[str, Check] = {
-    "index": _int, "vendor": _one_of(*VENDORS), "name": _str, "uuid": _str,
-    "pci_bus_id": _str, "render_node": _opt(_str), "integrated": _bool,
-    "memory_total_bytes": _opt(_int), "memory_used_bytes": _opt(_int),
-    "utilization": _opt(_num), "temperature_c": _opt(_num), "power_w": _opt(_num),
-    "driver": _opt(_str), "driver_version": _opt(_str), "mig_enabled": _opt(_bool),
-    "card_node": _opt(_str),
-}
-_NODE: dict[str, Check] = {
-    "node": _str, "agent_version": _str, "started_at": _num, "heartbeat_at": _num,
-    "gpus": _list(_nested(GpuRecord, _GPU)), "agent_url": _opt(_str), "schema": _int,
-}
-_LOAD: dict[str, Check] = {
-    "running": _opt(_int), "waiting": _opt(_int), "kv_cache_usage": _opt(_num),
-}
-_BACKEND: dict[str, Check] = {
-    "node": _str, "name": _str, "models": _list(_str), "url": _str,
-    "state": _one_of(*STATES), "engine": _str, "vendor": _opt(_one_of(*VENDORS)),
-    "gpus": _list(_str), "container_id": _opt(_str), "probe_latency_ms": _opt(_num),
-    "load": _opt(_nested(BackendLoad, _LOAD)), "updated_at": _num, "error": _opt(_str),
-    "restarts": _int, "api_path": _str, "schema": _int,
-}
-
-
-def _parse(raw: bytes | str, cls: type[R], checks: dict[str, Check]) -> R:
+def parse(raw: bytes | str, cls: type[R]) -> R:
+    """Read a record of type ``cls``; raises RecordError with the reason when it is unusable."""
     try:
         data = orjson.loads(raw)
     except orjson.JSONDecodeError as err:
@@ -219,32 +329,51 @@ def _parse(raw: bytes | str, cls: type[R], checks: dict[str, Check]) -> R:
     if schema != SCHEMA:
         raise RecordError(f"unsupported schema {schema!r} (this reader knows {SCHEMA})")
     try:
-        return _build(cls, data, checks)
+        return _build(cls, data)
     except TypeError as err:
         raise RecordError(f"expected {err}") from None
 
 
 def parse_node(raw: bytes | str) -> NodeRecord:
     """Read a node record; raises RecordError with the reason when it is unusable."""
-    return _parse(raw, NodeRecord, _NODE)
+    return parse(raw, NodeRecord)
 
 
 def parse_backend(raw: bytes | str) -> BackendRecord:
     """Read a backend record; raises RecordError with the reason when it is unusable."""
-    return _parse(raw, BackendRecord, _BACKEND)
-
-
-_DRAIN: dict[str, Check] = {
-    "node": _str, "requested_at": _num, "reason": _opt(_str), "schema": _int,
-}
+    return parse(raw, BackendRecord)
 
 
 def parse_drain(raw: bytes | str) -> DrainRecord:
     """Read a drain request; raises RecordError with the reason when it is unusable."""
-    return _parse(raw, DrainRecord, _DRAIN)
+    return parse(raw, DrainRecord)
 
 
-def dump(record: NodeRecord | BackendRecord | DrainRecord) -> bytes:
+def parse_deployment(raw: bytes | str) -> DeploymentRecord:
+    """Read a deployment; raises RecordError with the reason when it is unusable."""
+    record = parse(raw, DeploymentRecord)
+    problem = deployment_problem(record)
+    if problem:
+        raise RecordError(problem)
+    return record
+
+
+def parse_assignment(raw: bytes | str) -> AssignmentRecord:
+    """Read an assignment; raises RecordError with the reason when it is unusable."""
+    return parse(raw, AssignmentRecord)
+
+
+def parse_placement(raw: bytes | str) -> PlacementStatus:
+    """Read a deployment's placement status; raises RecordError when it is unusable."""
+    return parse(raw, PlacementStatus)
+
+
+def parse_leader(raw: bytes | str) -> LeaderRecord:
+    """Read the placer election's leader record; raises RecordError when it is unusable."""
+    return parse(raw, LeaderRecord)
+
+
+def dump(record: Any) -> bytes:
     """Serialise a record to the UTF-8 JSON stored in etcd."""
     return orjson.dumps(record)
 

@@ -2,19 +2,33 @@
 
 from __future__ import annotations
 
+import dataclasses
+import types
+import typing
+
 import orjson
 import pytest
 
 from common.keys import Keys
 from common.records import (
+    AssignmentRecord,
     BackendLoad,
     BackendRecord,
+    DeploymentRecord,
+    DrainRecord,
     GpuRecord,
+    LeaderRecord,
     NodeRecord,
+    PlacementStatus,
     RecordError,
     dump,
+    parse_assignment,
     parse_backend,
+    parse_deployment,
+    parse_drain,
+    parse_leader,
     parse_node,
+    parse_placement,
 )
 
 
@@ -106,3 +120,76 @@ def test_key_layout() -> None:
     assert keys.split_backend("/aivmm/v1/nodes/gpu-01") is None
     assert keys.split_backend("/aivmm/v1/backends/gpu-01") is None
     assert keys.split_backend("/aivmm/v1/backends/a/b/c") is None
+
+
+# -- every field of every record survives the trip ---------------------------------------------
+
+def _non_default(tp: object, name: str) -> object:
+    """A value of type ``tp`` that no record field has as its default."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return _non_default(next(a for a in args if a is not type(None)), name)
+    if origin is list:
+        return [_non_default(args[0], name), _non_default(args[0], name + "2")]
+    if origin is dict:
+        return {"k-" + name: "v-" + name}
+    if origin is typing.Literal:
+        return args[-1]  # defaults are the first choice where a Literal has one
+    if dataclasses.is_dataclass(tp):
+        return _filled(tp)  # type: ignore[arg-type]
+    if tp is bool:
+        return True
+    if tp is int:
+        return 7 + len(name)
+    if tp is float:
+        return 0.5 + len(name)
+    return f"value-of-{name}"
+
+
+def _filled(cls: type) -> object:
+    hints = typing.get_type_hints(cls)
+    values = {f.name: _non_default(hints[f.name], f.name) for f in dataclasses.fields(cls)}
+    values["schema"] = 1 if "schema" in values else None
+    values = {k: v for k, v in values.items() if v is not None}
+    if cls is DeploymentRecord:
+        values["name"] = "dep-1"
+    return cls(**values)
+
+
+ALL_RECORDS = [
+    (NodeRecord, parse_node), (BackendRecord, parse_backend), (DrainRecord, parse_drain),
+    (DeploymentRecord, parse_deployment), (AssignmentRecord, parse_assignment),
+    (PlacementStatus, parse_placement), (LeaderRecord, parse_leader),
+]
+
+
+@pytest.mark.parametrize(("cls", "parser"), ALL_RECORDS, ids=lambda c: getattr(c, "__name__", ""))
+def test_every_field_set_survives_the_round_trip(cls: type, parser: object) -> None:
+    record = _filled(cls)
+    for f in dataclasses.fields(cls):
+        if f.name == "schema":
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else object())
+        assert getattr(record, f.name) != default, f"{cls.__name__}.{f.name} left at default"
+    assert parser(dump(record)) == record  # type: ignore[operator]
+
+
+def test_a_deployment_with_a_bad_name_or_size_is_rejected() -> None:
+    good = DeploymentRecord(name="llama", model="m")
+    assert parse_deployment(dump(good)) == good
+    for bad, field in [(dict(name="a/b"), "name"), (dict(replicas=-1), "replicas"),
+                       (dict(memory_bytes=0), "memory_bytes"), (dict(model=" "), "model")]:
+        record = dataclasses.replace(good, **bad)  # type: ignore[arg-type]
+        with pytest.raises(RecordError, match=field):
+            parse_deployment(dump(record))
+
+
+def test_assignment_names_its_backend() -> None:
+    a = AssignmentRecord(deployment="llama", replica=2, node="n1", model="m", engine="vllm")
+    assert a.name == "llama-2"
+    keys = Keys("/p")
+    assert keys.assignment("n1", a.name) == "/p/assignments/n1/llama-2"
+    assert keys.split_assignment("/p/assignments/n1/llama-2") == ("n1", "llama-2")
+    assert keys.split_assignment("/p/assignments/n1") is None
