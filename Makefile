@@ -24,17 +24,17 @@ test: $(STAMP) services lint
 	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
 sim-image: $(STAMP) services
-	$(PY) -m sim.image $(SIM_IMAGE_ARGS)
+	$(PY) -m devtools.image $(SIM_IMAGE_ARGS)
 
 # aivmm-agent:local, aivmm-scheduler:local and the sim image, FROM scratch (no registry).
 images: $(STAMP) services
-	$(PY) -m scripts.images $(IMAGES_ARGS)
+	$(PY) -m devtools.images $(IMAGES_ARGS)
 
 demo: $(STAMP) services
-	$(PY) -m scripts.demo up
+	$(PY) -m devtools.demo up
 
 down: $(STAMP)
-	$(PY) -m scripts.demo down
+	$(PY) -m devtools.demo down
 
 clean:
 	rm -rf $(VENV) .run .cache

@@ -90,7 +90,7 @@ PROFILES: dict[tuple[str, Vendor | None], Profile] = {
     ("openvino", "intel"): Profile(
         "openvino", "intel", "openvino/model_server:2024.5-gpu", _ovms_args,
         health_path="/v2/health/ready", env={"HF_HUB_OFFLINE": "1"}, api_path="/v3"),
-    # The sim image's own entrypoint runs the server (sim/image.py).
+    # The sim image's own entrypoint runs the server (devtools/image.py builds it).
     ("sim", None): Profile("sim", None, "aivmm-sim:latest", _sim_args),
 }
 

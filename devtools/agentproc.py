@@ -18,7 +18,7 @@ import docker
 from common.keys import Keys
 from common.records import BackendRecord, NodeRecord, parse_backend, parse_node
 from common.store import EtcdStore
-from tests.services import free_port
+from devtools.services import free_port
 
 T = TypeVar("T")
 ROOT = Path(__file__).resolve().parent.parent

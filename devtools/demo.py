@@ -25,8 +25,8 @@ from typing import Any
 
 import orjson
 
-from tests.gpu_trees import SysfsTree
-from tests.services import DockerEngine, EtcdServer, docker_answers, etcd_answers, wait_until
+from devtools.gpu_trees import SysfsTree
+from devtools.services import DockerEngine, EtcdServer, docker_answers, etcd_answers, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 RUN = ROOT / ".run" / "demo"
@@ -214,7 +214,7 @@ def up() -> None:
     docker_host = ensure_docker(state)
     save_state(state)
 
-    from sim.image import build_image
+    from devtools.image import build_image
 
     image = build_image(docker_host)
     say(f"sim image {image}")

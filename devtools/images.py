@@ -1,11 +1,11 @@
 """Build ``aivmm-agent:local``, ``aivmm-scheduler:local`` and the sim image with no registry.
 
-Each is assembled FROM scratch by :mod:`sim.image` out of this machine's interpreter, the
+Each is assembled FROM scratch by :mod:`devtools.image` out of this machine's interpreter, the
 installed runtime distributions and this source tree; ``docker/agent/Dockerfile`` and
 ``docker/scheduler/Dockerfile`` are the same images on an upstream Python base, for hosts
 that can pull one.
 
-    python -m scripts.images [--docker-host URL] [agent] [scheduler] [sim]
+    python -m devtools.images [--docker-host URL] [agent] [scheduler] [sim]
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import sys
 
 import docker.errors
 
-from sim.image import SIM, ImageSpec, build_spec
+from devtools.image import SIM, ImageSpec, build_spec
 
 
 def _healthz(default_listen: str) -> tuple[str, ...]:
@@ -69,8 +69,8 @@ def build(docker_host: str | None, name: str, *, quiet: bool = False) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m scripts.images``: build the named images (default: all three)."""
-    parser = argparse.ArgumentParser(prog="python -m scripts.images", description=__doc__,
+    """``python -m devtools.images``: build the named images (default: all three)."""
+    parser = argparse.ArgumentParser(prog="python -m devtools.images", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("images", nargs="*", metavar="IMAGE",
                         help="agent, scheduler, sim (default: all)")

@@ -15,11 +15,11 @@ from pathlib import Path
 import aiohttp
 
 from common.store import EtcdStore
-from tests.agentproc import Fleet
-from tests.gpu_trees import SysfsTree
-from tests.schedharness import Scheduler, publish
-from tests.services import free_port, until
-from tests.simproc import SimProcess
+from devtools.agentproc import Fleet
+from devtools.gpu_trees import SysfsTree
+from devtools.schedharness import Scheduler, publish
+from devtools.services import free_port, until
+from devtools.simproc import SimProcess
 
 # Suffixes a family's samples carry in the text format, by the family's type.
 _SAMPLE_SUFFIXES = {"counter": ("_total", "_created"), "histogram": ("_bucket", "_sum",

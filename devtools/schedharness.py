@@ -12,10 +12,10 @@ from aiohttp import web
 from common.keys import Keys
 from common.records import BackendRecord, dump
 from common.store import EtcdStore
+from devtools.services import free_port, until
+from devtools.simproc import SimProcess
 from scheduler.app import build_app
 from scheduler.config import SchedulerConfig
-from tests.services import free_port, until
-from tests.simproc import SimProcess
 
 
 def record_for(sim: SimProcess, *, node: str = "n1", state: str = "ready",

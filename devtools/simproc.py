@@ -23,7 +23,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from tests.services import free_port, wait_until
+from devtools.services import free_port, wait_until
 
 
 class SimProcess:

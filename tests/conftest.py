@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 
 from common.store import EtcdStore
-from tests.services import DockerEngine, EtcdServer
+from devtools.services import DockerEngine, EtcdServer
 
 
 @pytest.fixture(scope="session")
@@ -45,7 +45,7 @@ def prefix() -> str:
 
 @pytest.fixture(scope="session")
 def docker_engine() -> Iterator[DockerEngine]:
-    """A private Docker engine for the session (root only; see tests/services.py)."""
+    """A private Docker engine for the session (root only; see devtools/services.py)."""
     engine = DockerEngine()
     engine.start()
     yield engine
@@ -72,6 +72,6 @@ async def no_task_left_behind() -> AsyncIterator[None]:
 @pytest.fixture(scope="session")
 def sim_image(docker_engine: DockerEngine) -> str:
     """The sim engine's image, built FROM scratch on the session's Docker engine."""
-    from sim.image import build_image
+    from devtools.image import build_image
 
     return build_image(docker_engine.host, quiet=True)

@@ -15,8 +15,8 @@ from agent.config import AgentConfig, BackendConfig
 from common.daemon import LISTENING
 from common.sdnotify import Notifier
 from common.tasks import GUARD
-from tests.agentproc import Fleet
-from tests.services import DockerEngine, EtcdServer, free_port, until
+from devtools.agentproc import Fleet
+from devtools.services import DockerEngine, EtcdServer, free_port, until
 
 pytestmark = pytest.mark.docker
 

@@ -14,9 +14,9 @@ from aiohttp import web
 from agent.app import build_app
 from agent.config import AgentConfig
 from agent.inventory import Inventory
-from tests.agentproc import Fleet
-from tests.gpu_trees import SysfsTree
-from tests.services import DockerEngine, EtcdServer, free_port, until
+from devtools.agentproc import Fleet
+from devtools.gpu_trees import SysfsTree
+from devtools.services import DockerEngine, EtcdServer, free_port, until
 
 UEVENT = Path("/sys/devices/virtual/mem/null/uevent")
 

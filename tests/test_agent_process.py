@@ -14,8 +14,8 @@ from pathlib import Path
 import orjson
 import pytest
 
-from tests.agentproc import ROOT, Fleet, kill
-from tests.services import DockerEngine, EtcdServer, free_port, until
+from devtools.agentproc import ROOT, Fleet, kill
+from devtools.services import DockerEngine, EtcdServer, free_port, until
 
 pytestmark = pytest.mark.docker
 
@@ -192,7 +192,7 @@ async def test_etcd_restart_keeps_backends_running_and_re_registers(
 
 async def test_docker_engine_restart_restarts_the_backends(
         tmp_path: Path, etcd_server: EtcdServer, prefix: str) -> None:
-    from sim.image import build_image
+    from devtools.image import build_image
 
     engine = DockerEngine()
     engine.start()

@@ -15,8 +15,8 @@ import pytest
 from common.keys import Keys
 from common.records import BackendLoad, BackendRecord, GpuRecord, NodeRecord, dump, parse_drain
 from common.store import EtcdStore
-from tests.agentproc import ROOT
-from tests.services import EtcdServer, free_port
+from devtools.agentproc import ROOT
+from devtools.services import EtcdServer, free_port
 
 GIB = 2**30
 

@@ -15,7 +15,7 @@ from aiohttp import web
 from common.daemon import EXIT_OK, EXIT_TASK_FAILED, serve
 from common.sdnotify import Notifier
 from common.tasks import GUARD, Guard
-from tests.services import free_port
+from devtools.services import free_port
 
 
 async def forever() -> None:

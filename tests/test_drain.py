@@ -16,8 +16,8 @@ from agent.drain import follow_drain
 from common.keys import Keys
 from common.records import DrainRecord, dump
 from common.store import EtcdStore
-from tests.agentproc import ROOT, Fleet
-from tests.services import DockerEngine, EtcdServer, free_port, until
+from devtools.agentproc import ROOT, Fleet
+from devtools.services import DockerEngine, EtcdServer, free_port, until
 
 
 def ctl(fleet: Fleet, *args: str) -> subprocess.CompletedProcess[str]:

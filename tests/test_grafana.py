@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.agentproc import ROOT
-from tests.observed import exposed_names, expr_names, running_stack
-from tests.services import DockerEngine, EtcdServer
+from devtools.agentproc import ROOT
+from devtools.observed import exposed_names, expr_names, running_stack
+from devtools.services import DockerEngine, EtcdServer
 
 DASHBOARD = ROOT / "deploy" / "grafana" / "aivmm.json"
 _LABEL_VALUES = re.compile(r"label_values\((\w+),\s*\w+\)")

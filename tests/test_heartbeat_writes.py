@@ -14,7 +14,7 @@ from agent.metrics import AgentMetrics
 from common.keys import Keys
 from common.records import BackendLoad, BackendRecord, NodeRecord, parse_backend, parse_node
 from common.store import EtcdStore
-from tests.services import EtcdServer, until
+from devtools.services import EtcdServer, until
 
 
 def record(**changes: object) -> BackendRecord:

@@ -19,9 +19,9 @@ import yaml
 
 from agent.config import AgentConfig
 from common.config import load
+from devtools.agentproc import ROOT
+from devtools.services import DockerEngine, EtcdServer, free_port, wait_until
 from scheduler.config import SchedulerConfig
-from tests.agentproc import ROOT
-from tests.services import DockerEngine, EtcdServer, free_port, wait_until
 
 DOCKER_DIR = ROOT / "docker"
 DOCKERFILES = sorted(DOCKER_DIR.glob("*/Dockerfile"))
@@ -166,7 +166,7 @@ def test_compose_agent_config_is_a_valid_agent_config(compose: dict[str, Any]) -
 @pytest.fixture(scope="module")
 def app_images(docker_engine: DockerEngine) -> dict[str, str]:
     """aivmm-agent:local and aivmm-scheduler:local, built once for this module."""
-    from scripts.images import build
+    from devtools.images import build
 
     return {name: build(docker_engine.host, name, quiet=True) for name in ("agent", "scheduler")}
 

@@ -18,7 +18,7 @@ from agent.inventory.intel import IntelDetector
 from agent.inventory.nvml import MemoryInfo, NvmlError, NvmlNotSupported, NvmlUnavailable
 from agent.inventory.pci import enumerate_gpus, is_intel_integrated, normalise_bus_id
 from common.records import NodeRecord, dump, parse_node
-from tests.gpu_trees import SysfsTree
+from devtools.gpu_trees import SysfsTree
 
 GiB = 1 << 30
 

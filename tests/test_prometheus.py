@@ -14,9 +14,9 @@ import aiohttp
 import pytest
 import yaml
 
-from tests.agentproc import ROOT
-from tests.observed import exposed_names, expr_names, running_stack
-from tests.services import DockerEngine, EtcdServer, free_port, until
+from devtools.agentproc import ROOT
+from devtools.observed import exposed_names, expr_names, running_stack
+from devtools.services import DockerEngine, EtcdServer, free_port, until
 
 pytestmark = pytest.mark.docker
 DEPLOY = ROOT / "deploy" / "prometheus"

@@ -16,9 +16,9 @@ from aiohttp import web
 from common.keys import Keys
 from common.records import BackendRecord, dump
 from common.store import EtcdStore
-from tests.schedharness import Scheduler, metric_value, publish
-from tests.services import EtcdServer, free_port, until
-from tests.simproc import SimProcess
+from devtools.schedharness import Scheduler, metric_value, publish
+from devtools.services import EtcdServer, free_port, until
+from devtools.simproc import SimProcess
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -11,9 +11,9 @@ import openai
 import pytest
 
 from common.store import EtcdStore
-from tests.schedharness import Scheduler, metric_value, publish
-from tests.services import EtcdServer, until
-from tests.simproc import SimProcess
+from devtools.schedharness import Scheduler, metric_value, publish
+from devtools.services import EtcdServer, until
+from devtools.simproc import SimProcess
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 from common.store import EtcdStore
-from tests.schedharness import publish
-from tests.services import EtcdServer, free_port, wait_until
-from tests.simproc import SimProcess
+from devtools.schedharness import publish
+from devtools.services import EtcdServer, free_port, wait_until
+from devtools.simproc import SimProcess
 
 pytestmark = pytest.mark.timeout(60)
 

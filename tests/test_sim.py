@@ -13,12 +13,12 @@ import docker
 import openai
 import pytest
 
+from devtools.image import build_image
+from devtools.services import DockerEngine, free_port, until
+from devtools.simproc import SimProcess
 from sim import generate
-from sim.image import build_image
 from sim.main import parse_args
 from sim.settings import SettingsError, SimSettings, from_env
-from tests.services import DockerEngine, free_port, until
-from tests.simproc import SimProcess
 
 CHAT = [{"role": "user", "content": "Say something about the fleet"}]
 

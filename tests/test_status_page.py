@@ -18,10 +18,10 @@ import pytest
 from common.keys import Keys
 from common.records import BackendRecord, GpuRecord, NodeRecord, dump
 from common.store import EtcdStore
+from devtools.schedharness import Scheduler, publish
+from devtools.services import EtcdServer, free_port, until
+from devtools.simproc import SimProcess
 from scheduler.status import FailoverLog, RequestRates
-from tests.schedharness import Scheduler, publish
-from tests.services import EtcdServer, free_port, until
-from tests.simproc import SimProcess
 
 GIB = 2**30
 

@@ -20,7 +20,7 @@ from common.store import (
     StoreClosed,
     StoreUnavailable,
 )
-from tests.services import EtcdServer, free_port, until
+from devtools.services import EtcdServer, free_port, until
 
 
 def etcd_watchers(server: EtcdServer) -> int:

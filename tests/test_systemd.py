@@ -21,8 +21,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.agentproc import ROOT, Fleet
-from tests.services import DockerEngine, EtcdServer, free_port, until
+from devtools.agentproc import ROOT, Fleet
+from devtools.services import DockerEngine, EtcdServer, free_port, until
 
 UNITS = ROOT / "systemd"
 BIN = Path(sys.executable).parent

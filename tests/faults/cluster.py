@@ -23,8 +23,8 @@ from typing import Any
 import openai
 
 from common.records import BackendRecord
-from tests.agentproc import ROOT, AgentProcess, Fleet, write_config
-from tests.services import free_port, until, wait_until
+from devtools.agentproc import ROOT, AgentProcess, Fleet, write_config
+from devtools.services import free_port, until, wait_until
 
 MODEL = "fault-model"
 MESSAGES = [{"role": "user", "content": "steady"}]

@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 
-from tests.agentproc import Fleet
+from devtools.agentproc import Fleet
+from devtools.services import DockerEngine, EtcdServer
 from tests.faults.cluster import Node, SchedulerProcess, sim_backend
-from tests.services import DockerEngine, EtcdServer
 
 pytestmark = pytest.mark.docker
 

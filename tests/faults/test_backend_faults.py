@@ -9,9 +9,9 @@ from collections.abc import Callable
 
 import pytest
 
+from devtools.services import until
 from tests.faults.cluster import Load
 from tests.faults.conftest import Cluster
-from tests.services import until
 
 pytestmark = pytest.mark.docker
 

@@ -17,7 +17,7 @@ import pytest
 
 from common.keys import Keys
 from common.store import EtcdStore
-from tests.agentproc import ROOT
+from devtools.agentproc import ROOT
 from tests.faults.cluster import MODEL, Load
 from tests.faults.conftest import Cluster
 
@@ -130,7 +130,7 @@ async def test_bad_input_at_every_door_is_refused_clearly_and_disturbs_nothing(
 
 
 def _wait(predicate: Callable[[], bool], what: str) -> None:
-    from tests.services import wait_until
+    from devtools.services import wait_until
 
     wait_until(predicate, 10, what)
 

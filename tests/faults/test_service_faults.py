@@ -11,9 +11,9 @@ from pathlib import Path
 import openai
 import pytest
 
+from devtools.services import DockerEngine, EtcdServer, until
 from tests.faults.cluster import MESSAGES, MODEL, Load
 from tests.faults.conftest import Cluster
-from tests.services import DockerEngine, EtcdServer, until
 
 pytestmark = pytest.mark.docker
 
@@ -58,7 +58,7 @@ async def test_etcd_away_for_20s_loses_no_request_and_records_return(
 async def test_docker_engine_restart_brings_the_nodes_backends_back(
         cluster_on: Callable[[str], Cluster], etcd_server: EtcdServer,
         docker_engine: DockerEngine, sim_image: str, figures: Callable[..., None]) -> None:
-    from sim.image import build_image
+    from devtools.image import build_image
 
     engine = DockerEngine()  # node a's engine alone: restarting it must not touch node b
     cluster: Cluster | None = None

@@ -10,9 +10,9 @@ import aiohttp
 import openai
 import pytest
 
+from devtools.services import until
 from tests.faults.cluster import MODEL, Load
 from tests.faults.conftest import Cluster
-from tests.services import until
 
 pytestmark = pytest.mark.docker
 
