@@ -6,9 +6,10 @@ what this machine already has: the python binary with every shared library ``ldd
 :class:`ImageSpec` names with everything they require, and its packages from this source
 tree. The tree is hashed; an image carrying the same ``aivmm.content-hash`` label is reused,
 so an unchanged tree costs a hash and no build. The ``aivmm-sim`` image is :data:`SIM`;
-``scripts/images.py`` adds the agent's and the scheduler's.
+:mod:`devtools.images` adds the agent's and the scheduler's. The builder is a development
+tool, not part of any image it builds: the sim image carries ``sim/`` and what it imports.
 
-    python -m sim.image [--docker-host unix:///path/docker.sock] [--tag aivmm-sim] [--quiet]
+    python -m devtools.image [--docker-host unix:///path/docker.sock] [--tag aivmm-sim] [--quiet]
 """
 
 from __future__ import annotations
@@ -54,16 +55,13 @@ class ImageSpec:
     entrypoint: tuple[str, ...]        # arguments after the interpreter
     env: tuple[tuple[str, str], ...] = ()
     user: tuple[str, int] | None = None  # (name, uid); None runs as root
-    exclude: tuple[str, ...] = ()      # source files left out, relative to the source root
     healthcheck: tuple[str, ...] = ()  # arguments after the interpreter; exit 0 = healthy
 
 
 SIM = ImageSpec(
     name="aivmm-sim", distributions=("aiohttp", "orjson"), packages=("sim",),
     entrypoint=("-m", "sim.main"), env=(("SIM_HOST", "0.0.0.0"), ("SIM_PORT", "8001")),
-    user=("sim", SIM_UID),
-    # The builder itself imports docker, which the image does not carry.
-    exclude=("sim/image.py",))
+    user=("sim", SIM_UID))
 
 # Standard-library parts the sim never imports: tests, GUIs, installers, build configs.
 STDLIB_SKIP_DIRS = {
@@ -189,8 +187,7 @@ def site_entries(spec: ImageSpec) -> list[Entry]:
     for package in spec.packages:
         for source in sorted((SOURCE_ROOT / package).rglob("*.py")):
             rel = source.relative_to(SOURCE_ROOT).as_posix()
-            if rel not in spec.exclude:
-                entries.append(Entry(SITE / rel, source=source))
+            entries.append(Entry(SITE / rel, source=source))
     return entries
 
 
@@ -387,8 +384,8 @@ def _env_kwargs() -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m sim.image``: build the sim image and print its reference."""
-    parser = argparse.ArgumentParser(prog="python -m sim.image", description=__doc__)
+    """``python -m devtools.image``: build the sim image and print its reference."""
+    parser = argparse.ArgumentParser(prog="python -m devtools.image", description=__doc__)
     parser.add_argument("--docker-host", default=os.environ.get("DOCKER_HOST"),
                         help="engine URL, e.g. unix:///run/docker.sock (default DOCKER_HOST)")
     parser.add_argument("--tag", default="aivmm-sim", help="repository name (default aivmm-sim)")
