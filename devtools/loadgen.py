@@ -8,10 +8,7 @@ from dataclasses import dataclass, field
 
 import aiohttp
 
-
-def pct(values: list[float], p: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))] if ordered else float("nan")
+from devtools.stats import percentile
 
 
 @dataclass
@@ -25,9 +22,11 @@ class Result:
         return len(self.latencies) / self.elapsed if self.elapsed else 0.0
 
     def row(self) -> tuple[float, float, float, int]:
-        """(p50 ms, p99 ms, requests/s, errors)."""
-        return (pct(self.latencies, 50) * 1000, pct(self.latencies, 99) * 1000, self.rps,
-                self.errors)
+        """(p50 ms, p99 ms, requests/s, errors); both latencies NaN when none succeeded."""
+        if not self.latencies:
+            return (float("nan"), float("nan"), self.rps, self.errors)
+        return (percentile(self.latencies, 50) * 1000, percentile(self.latencies, 99) * 1000,
+                self.rps, self.errors)
 
 
 async def drive(url: str, body: bytes, *, concurrency: int, requests: int,
