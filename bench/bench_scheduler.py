@@ -9,7 +9,7 @@ three paths in interleaved rounds (so drift on a shared machine hits all three a
 - streaming time to first token at concurrency 1,
 - CPU seconds per 1,000 requests of the proxy process (from /proc/PID/stat).
 
-    .venv/bin/python bench/bench_scheduler.py [--rounds 3] [--json out.json]
+    .venv/bin/python -m bench.bench_scheduler [--rounds 3] [--json out.json]
 
 Prints a Markdown table (docs/benchmarks.md keeps a copy). Nothing here is asserted.
 """
@@ -32,14 +32,14 @@ from pathlib import Path
 
 import aiohttp
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from common.keys import Keys
+from common.records import BackendRecord, dump
+from common.store import EtcdStore
+from devtools.services import EtcdServer, free_port, wait_until
+from devtools.simproc import SimProcess
+from devtools.stats import percentile
 
-from common.keys import Keys  # noqa: E402
-from common.records import BackendRecord, dump  # noqa: E402
-from common.store import EtcdStore  # noqa: E402
-from tests.services import EtcdServer, free_port, wait_until  # noqa: E402
-from tests.simproc import SimProcess  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 MODEL = "bench-m"
 BODY = json.dumps({"model": MODEL, "prompt": "hello", "max_tokens": 4}).encode()
@@ -52,11 +52,6 @@ PATH = "/v1/completions"
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def pct(values: list[float], p: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))]
 
 
 @dataclass
@@ -125,18 +120,18 @@ async def measure(paths: list[Path_], rounds: int, n1: int, n64: int, nstream: i
 
 def report(paths: list[Path_]) -> tuple[str, dict[str, dict[str, float]]]:
     direct = paths[0]
-    d50, d99 = pct(direct.c1, 50), pct(direct.c1, 99)
+    d50, d99 = percentile(direct.c1, 50), percentile(direct.c1, 99)
     rows = ["| path | c=1 p50 ms | c=1 p99 ms | added p50 ms | added p99 ms | "
             "c=64 req/s | c=64 p99 ms | stream TTFT p50 ms | CPU s / 1k req |",
             "|---|---|---|---|---|---|---|---|---|"]
     data: dict[str, dict[str, float]] = {}
     for p in paths:
-        p50, p99 = pct(p.c1, 50), pct(p.c1, 99)
+        p50, p99 = percentile(p.c1, 50), percentile(p.c1, 99)
         fig = {
             "c1_p50_ms": p50 * 1e3, "c1_p99_ms": p99 * 1e3,
             "added_p50_ms": (p50 - d50) * 1e3, "added_p99_ms": (p99 - d99) * 1e3,
-            "c64_rps": statistics.median(p.c64_rps), "c64_p99_ms": pct(p.c64, 99) * 1e3,
-            "ttft_p50_ms": pct(p.ttft, 50) * 1e3,
+            "c64_rps": statistics.median(p.c64_rps), "c64_p99_ms": percentile(p.c64, 99) * 1e3,
+            "ttft_p50_ms": percentile(p.ttft, 50) * 1e3,
             "cpu_s_per_1k": p.cpu / p.requests * 1000 if p.pid else float("nan"),
         }
         data[p.name] = fig
@@ -189,7 +184,7 @@ def main() -> None:
         sim.start()
         asyncio.run(publish(etcd, sim))
         mport, sport = free_port(), free_port()
-        minimal = start([sys.executable, "bench/minimal_proxy.py", "--listen",
+        minimal = start([sys.executable, "-m", "bench.minimal_proxy", "--listen",
                          f"127.0.0.1:{mport}", "--upstream", sim.url],
                         f"http://127.0.0.1:{mport}/v1/models", "minimal proxy")
         procs.append(minimal)

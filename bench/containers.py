@@ -8,7 +8,7 @@ this starts a second private engine with one (``--iptables=false`` still, so the
 served by ``docker-proxy``, Docker's userland proxy); where that cannot work the row says why.
 The client talks to 127.0.0.1 only.
 
-    .venv/bin/python bench/containers.py [--rounds 3] [--requests 2000] [--json out.json]
+    .venv/bin/python -m bench.containers [--rounds 3] [--requests 2000] [--json out.json]
 
 Prints a Markdown table. Nothing here is asserted.
 """
@@ -27,15 +27,14 @@ import time
 import urllib.request
 from pathlib import Path
 
+import docker
+
+from devtools.image import build_image
+from devtools.loadgen import Result, drive
+from devtools.services import DockerEngine, free_port, wait_until
+from devtools.simproc import SimProcess
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-import docker  # noqa: E402
-
-from bench.loadgen import Result, drive  # noqa: E402
-from sim.image import build_image  # noqa: E402
-from tests.services import DockerEngine, free_port, wait_until  # noqa: E402
-from tests.simproc import SimProcess  # noqa: E402
 
 MODEL = "ovh-m"
 KNOBS = {"latency_ms": 0, "tokens_per_second": 0, "chunks": 4}

@@ -13,7 +13,7 @@ moment a backend leaves the routing table is seen directly, not by polling).
 2. Node death at lease TTLs 3, 5 and 10 s: SIGKILL the agent and kill its containers at once;
    time until its records are deleted from etcd (lease expiry) and until the router drops them.
 
-    .venv/bin/python bench/failover.py [--kills 50] [--ttls 3,5,10] [--json out.json]
+    .venv/bin/python -m bench.failover [--kills 50] [--ttls 3,5,10] [--json out.json]
 
 Prints Markdown tables. Nothing here is asserted.
 """
@@ -36,27 +36,30 @@ import time
 import urllib.request
 from pathlib import Path
 
+import aiohttp
+import docker
+
+from common.keys import Keys
+from common.store import EtcdStore
+from devtools.agentproc import AgentProcess, write_config
+from devtools.image import build_image
+from devtools.services import DockerEngine, EtcdServer, free_port, wait_until
+from devtools.stats import percentile
+from scheduler.registry import Registry
+from scheduler.routing import Router
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-import aiohttp  # noqa: E402
-import docker  # noqa: E402
-
-from common.keys import Keys  # noqa: E402
-from common.store import EtcdStore  # noqa: E402
-from scheduler.registry import Registry  # noqa: E402
-from scheduler.routing import Router  # noqa: E402
-from sim.image import build_image  # noqa: E402
-from tests.agentproc import AgentProcess, write_config  # noqa: E402
-from tests.services import DockerEngine, EtcdServer, free_port, wait_until  # noqa: E402
 
 PREFIX = "/aivmm/v1"
 MODEL = "fo-m"
 
 
-def pct(values: list[float], p: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))] if ordered else float("nan")
+def step_figures(seconds: list[float]) -> dict[str, float | int | None]:
+    """p50/p99 in ms and the count; no percentiles (None) where no kill got this far."""
+    if not seconds:
+        return {"p50_ms": None, "p99_ms": None, "n": 0}
+    return {"p50_ms": round(percentile(seconds, 50) * 1000, 1),
+            "p99_ms": round(percentile(seconds, 99) * 1000, 1), "n": len(seconds)}
 
 
 class Watcher:
@@ -246,9 +249,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
             steps["agent→router"].append(watcher.left[key] - after.updated_at)
             steps["total"].append(watcher.left[key] - t_kill)
         ok, errors = load.take()
-        out["kill"] = {k: {"p50_ms": round(pct(v, 50) * 1000, 1),
-                           "p99_ms": round(pct(v, 99) * 1000, 1), "n": len(v)}
-                       for k, v in steps.items()}
+        out["kill"] = {k: step_figures(v) for k, v in steps.items()}
         out["kill_requests"] = {"ok": ok, "errors": errors}
 
         # -- 2. a whole node dies --------------------------------------------------------------
@@ -309,7 +310,8 @@ def tables(r: dict[str, object]) -> str:
     kill = r["kill"]
     assert isinstance(kill, dict)
     lines = ["| step (docker kill) | p50 ms | p99 ms | n |", "|---|---|---|---|"]
-    lines += [f"| {k} | {v['p50_ms']} | {v['p99_ms']} | {v['n']} |" for k, v in kill.items()]
+    lines += [f"| {k} | {v['p50_ms'] if v['n'] else '-'} | {v['p99_ms'] if v['n'] else '-'} | "
+              f"{v['n']} |" for k, v in kill.items()]
     req = r["kill_requests"]
     assert isinstance(req, dict)
     lines.append(f"\nclient requests during the kills: {req['ok']} ok, {req['errors']} errors\n")

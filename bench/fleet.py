@@ -13,7 +13,7 @@ probe sample per heartbeat). With the fleet running it measures:
   real ``sync_prefix``: load time, ``Router.choose`` time p50/p99, and the delay from a put
   (timestamp in the record) to the record applied in the router, p50/p99.
 
-    .venv/bin/python bench/fleet.py [--nodes 1000] [--duration 20] [--json out.json]
+    .venv/bin/python -m bench.fleet [--nodes 1000] [--duration 20] [--json out.json]
 
 Prints a Markdown table. Nothing here is asserted.
 """
@@ -33,26 +33,21 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from prometheus_client import CollectorRegistry
+
+from agent.health.heartbeat import Heartbeat
+from agent.health.probe import Ewma
+from agent.metrics import AgentMetrics
+from common.keys import Keys
+from common.records import BackendLoad, BackendRecord, GpuRecord, NodeRecord, dump
+from common.store import EtcdStore, Event, Reset
+from devtools.services import EtcdServer, free_port, wait_until
+from devtools.stats import percentile
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from prometheus_client import CollectorRegistry  # noqa: E402
-
-from agent.health.heartbeat import Heartbeat  # noqa: E402
-from agent.health.probe import Ewma  # noqa: E402
-from agent.metrics import AgentMetrics  # noqa: E402
-from common.keys import Keys  # noqa: E402
-from common.records import BackendLoad, BackendRecord, GpuRecord, NodeRecord, dump  # noqa: E402
-from common.store import EtcdStore, Event, Reset  # noqa: E402
-from tests.services import EtcdServer, free_port, wait_until  # noqa: E402
 
 PREFIX = "/aivmm/v1"
 PROBE_NODE = "zz-probe"
-
-
-def pct(values: list[float], p: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))] if ordered else 0.0
 
 
 def rss_bytes(pid: int) -> int:
@@ -229,8 +224,8 @@ async def watcher(etcd_url: str, probes: int, decisions: int) -> None:
             router.choose(model, now)
             times.append(clock() - t)
         print(json.dumps({"loaded": len(router.backends), "load_s": load_s,
-                          "decision_p50_us": pct(times, 50) / 1000,
-                          "decision_p99_us": pct(times, 99) / 1000,
+                          "decision_p50_us": percentile(times, 50) / 1000,
+                          "decision_p99_us": percentile(times, 99) / 1000,
                           "models": len(models)}), flush=True)
         # Catch up with what the fleet wrote meanwhile before timing anything: put a marker
         # and apply events until it comes back.
@@ -251,8 +246,8 @@ async def watcher(etcd_url: str, probes: int, decisions: int) -> None:
                 delays.append(time.time() - json.loads(item.value)["updated_at"])
                 if len(delays) >= probes:
                     break
-        print(json.dumps({"prop_p50_ms": pct(delays, 50) * 1000,
-                          "prop_p99_ms": pct(delays, 99) * 1000,
+        print(json.dumps({"prop_p50_ms": percentile(delays, 50) * 1000,
+                          "prop_p99_ms": percentile(delays, 99) * 1000,
                           "prop_max_ms": max(delays) * 1000, "probes": len(delays)}), flush=True)
 
 
@@ -326,8 +321,9 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
 
         # Registry + router in their own process; puts from this one, under the fleet's load.
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, __file__, "--watch", etcd.url, "--probes", str(args.probes),
-            "--decisions", str(args.decisions), stdout=asyncio.subprocess.PIPE, cwd=ROOT)
+            sys.executable, "-m", "bench.fleet", "--watch", etcd.url, "--probes",
+            str(args.probes), "--decisions", str(args.decisions), stdout=asyncio.subprocess.PIPE,
+            cwd=ROOT)
         assert proc.stdout is not None
         first = json.loads(await asyncio.wait_for(proc.stdout.readline(), 300))
         out.update({k: round(v, 3) if isinstance(v, float) else v for k, v in first.items()})

@@ -1,6 +1,6 @@
 """Compare the inventory with nvidia-smi on a real NVIDIA machine, field by field.
 
-Run from the repository root: ``python3 bench/hw_inventory_check.py``. Prints a Markdown
+Run from the repository root: ``python3 -m bench.hw_inventory_check``. Prints a Markdown
 table (pasted into docs/hardware.md) and exits 1 when a field disagrees beyond what two
 readings taken a moment apart can explain (power, utilisation, temperature).
 """

@@ -1,9 +1,9 @@
 """Multi-GPU check on a real NVIDIA machine: inventory against nvidia-smi, then placement and
 container specs for several backend layouts, all through the agent's own code.
 
-Run from the repository root: ``python3 bench/hw_multi_gpu_check.py`` on the GPU machine
+Run from the repository root: ``python3 -m bench.hw_multi_gpu_check`` on the GPU machine
 (add ``--cuda`` to also ask the CUDA driver, limited to each backend's uuids, which GPUs it
-then sees), or ``python3 bench/hw_multi_gpu_check.py --fake N`` anywhere (a built-in NVML
+then sees), or ``python3 -m bench.hw_multi_gpu_check --fake N`` anywhere (a built-in NVML
 double with N GPUs and an nvidia-smi answer made from it). Prints a Markdown table (pasted
 into docs/hardware.md) and exits 1 on any mismatch.
 """

@@ -3,7 +3,7 @@
 Forwards every request to one upstream and streams the answer back. It exists only as the
 benchmark's yardstick for aivmm-scheduler (bench/bench_scheduler.py).
 
-    python bench/minimal_proxy.py --listen 127.0.0.1:8090 --upstream http://127.0.0.1:8001
+    python -m bench.minimal_proxy --listen 127.0.0.1:8090 --upstream http://127.0.0.1:8001
 """
 
 from __future__ import annotations

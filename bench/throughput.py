@@ -2,14 +2,14 @@
 several on one port (SO_REUSEPORT: the kernel spreads connections over the processes).
 
 A real etcd holds one ready backend record for one sim engine (no artificial latency, 4
-tokens); the load generator (bench/loadgen.py) drives non-streaming and streaming
+tokens); the load generator (devtools/loadgen.py) drives non-streaming and streaming
 completions through 1..``--max-procs`` scheduler processes, and straight to the sim for
 reference. Each scheduler process is ``build_app`` + ``common.daemon.serve(reuse_port=True)``
 (what ``aivmm-scheduler`` runs, plus the socket option; the console script has no switch for
 it yet). On a 2-core machine the load generator, the sim and the schedulers share the cores,
 so the figures bound the proxy from below.
 
-    .venv/bin/python bench/throughput.py [--requests 20000] [--max-procs 3] [--json out.json]
+    .venv/bin/python -m bench.throughput [--requests 20000] [--max-procs 3] [--json out.json]
 
 Prints a Markdown table. Nothing here is asserted.
 """
@@ -25,15 +25,14 @@ import sys
 import urllib.request
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from common.keys import Keys
+from common.records import BackendRecord, dump
+from common.store import EtcdStore
+from devtools.loadgen import drive
+from devtools.services import EtcdServer, free_port, wait_until
+from devtools.simproc import SimProcess
 
-from bench.loadgen import drive  # noqa: E402
-from common.keys import Keys  # noqa: E402
-from common.records import BackendRecord, dump  # noqa: E402
-from common.store import EtcdStore  # noqa: E402
-from tests.services import EtcdServer, free_port, wait_until  # noqa: E402
-from tests.simproc import SimProcess  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 MODEL = "tp-m"
 BODY = json.dumps({"model": MODEL, "prompt": "hello", "max_tokens": 4}).encode()
@@ -85,7 +84,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
             port = free_port()
             listen = f"127.0.0.1:{port}"
             procs = [await asyncio.create_subprocess_exec(
-                sys.executable, __file__, "--serve", etcd.url, listen, cwd=ROOT)
+                sys.executable, "-m", "bench.throughput", "--serve", etcd.url, listen, cwd=ROOT)
                 for _ in range(n)]
             try:
                 url = f"http://{listen}"

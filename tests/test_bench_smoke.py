@@ -10,32 +10,32 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def bench(script: str, *args: str, timeout: float = 120) -> str:
-    proc = subprocess.run([sys.executable, f"bench/{script}", *args], cwd=ROOT,
+def bench(module: str, *args: str, timeout: float = 120) -> str:
+    proc = subprocess.run([sys.executable, "-m", f"bench.{module}", *args], cwd=ROOT,
                           capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
 
 
 def test_fleet_bench_runs_small() -> None:
-    out = bench("fleet.py", "--nodes", "5", "--gpus", "2", "--duration", "1", "--interval",
+    out = bench("fleet", "--nodes", "5", "--gpus", "2", "--duration", "1", "--interval",
                 "0.5", "--ttl", "2", "--decisions", "1000", "--probes", "5")
     assert "| Router.choose p50 / p99 (" in out
     assert "5 nodes, 20 backends" in out
 
 
 def test_throughput_bench_runs_small() -> None:
-    out = bench("throughput.py", "--concurrency", "8", "--requests", "50", "--max-procs", "1")
+    out = bench("throughput", "--concurrency", "8", "--requests", "50", "--max-procs", "1")
     assert "| 1 scheduler process | stream |" in out
 
 
 def test_container_bench_runs_small() -> None:
-    out = bench("containers.py", "--rounds", "1", "--requests", "20", "--concurrency", "4")
+    out = bench("containers", "--rounds", "1", "--requests", "20", "--concurrency", "4")
     assert "| container, host network |" in out
 
 
 def test_failover_bench_runs_small() -> None:
-    out = bench("failover.py", "--kills", "1", "--backends", "1", "--ttls", "3", "--reps", "1",
+    out = bench("failover", "--kills", "1", "--backends", "1", "--ttls", "3", "--reps", "1",
                 timeout=180)
     assert "| total |" in out
     assert "| 3 |" in out

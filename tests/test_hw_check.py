@@ -1,35 +1,28 @@
-"""bench/hw_multi_gpu_check.py on its built-in NVML double: it passes on a sound machine and
+"""bench.hw_multi_gpu_check on its built-in NVML double: it passes on a sound machine and
 fails, naming the row, when nvidia-smi and the agent disagree."""
 
 from __future__ import annotations
 
 import asyncio
-import importlib.util
+import importlib
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-SCRIPT = ROOT / "bench" / "hw_multi_gpu_check.py"
+MODULE = "bench.hw_multi_gpu_check"
 
 
 @pytest.fixture(scope="module")
-def hw() -> Iterator[ModuleType]:
-    spec = importlib.util.spec_from_file_location("hw_multi_gpu_check", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    yield module
-    del sys.modules[spec.name]
+def hw() -> ModuleType:
+    return importlib.import_module(MODULE)
 
 
 def check_script(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=ROOT, capture_output=True,
+    return subprocess.run([sys.executable, "-m", MODULE, *args], cwd=ROOT, capture_output=True,
                           text=True, timeout=60)
 
 
