@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
@@ -21,6 +20,7 @@ from typing import Any, Literal, TypeVar
 import grpc
 from aetcd import rpc
 
+from common.backoff import Backoff
 from common.endpoints import etcd_target
 
 log = logging.getLogger(__name__)
@@ -543,7 +543,9 @@ class EtcdStore:
         Ends only by closing the iterator, cancelling its task, or :meth:`close` (which
         raises :class:`StoreClosed`); other store errors propagate.
         """
-        delay = self._retry_initial
+        # Jittered so that every scheduler and agent watching a restarted etcd do not all
+        # come back at the same instant.
+        retry = Backoff(initial=self._retry_initial, cap=self._retry_max, jitter=0.5)
         need_reset = True
         last = 0  # every change up to this revision has been delivered
         cluster_id = 0
@@ -554,12 +556,12 @@ class EtcdStore:
                     snapshot = _snapshot(resp)
                     last, cluster_id = snapshot.revision, int(resp.header.cluster_id)
                     need_reset = False
-                    delay = self._retry_initial
+                    retry.reset()
                     yield Reset(snapshot)
                 async with contextlib.aclosing(self._watch(prefix, last + 1)) as batches:
                     async for batch in batches:
                         if batch.created:
-                            delay = self._retry_initial
+                            retry.reset()
                             if batch.cluster_id != cluster_id or batch.revision < last:
                                 log.warning("etcd came back with another history; resyncing",
                                             extra={"prefix": prefix})
@@ -579,10 +581,9 @@ class EtcdStore:
                             extra={"prefix": prefix})
                 need_reset = True
             except StoreUnavailable as err:
-                pause = random.uniform(delay / 2, delay)
+                pause = retry.next()
                 log.info("etcd watch down, retrying in %.2fs: %s", pause, err)
                 await asyncio.sleep(pause)
-                delay = min(delay * 2, self._retry_max)
 
 
 def _snapshot(resp: Any) -> Snapshot:

@@ -24,6 +24,7 @@ from docker.types import DeviceRequest
 
 from agent.docker.observed import ObservedContainer, observe
 from agent.docker.spec import LABEL_MANAGED, LABEL_NODE, ContainerSpec
+from common.backoff import Backoff
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -182,7 +183,7 @@ class DockerAdapter:
                     stream.close()
 
     def _read_events(self, deliver: Callable[[Event], None], stop: threading.Event) -> None:
-        delay = 0.2
+        retry = Backoff(initial=0.2, cap=2.0)
         first = True
         while not stop.is_set() and not self._stop.is_set():
             try:
@@ -194,7 +195,7 @@ class DockerAdapter:
                     log.info("docker event stream reconnected")
                     deliver(Reconnected())
                 first = False
-                delay = 0.2
+                retry.reset()
                 for raw in stream:
                     if stop.is_set():
                         return
@@ -213,6 +214,5 @@ class DockerAdapter:
                     with contextlib.suppress(Exception):
                         self._client.close()
                     self._client = None
-            if stop.wait(delay):
+            if stop.wait(retry.next()):
                 return
-            delay = min(delay * 2, 2.0)

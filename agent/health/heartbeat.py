@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable
 
 from agent.metrics import AgentMetrics
+from common.backoff import Backoff
 from common.keys import Keys
 from common.records import BackendLoad, BackendRecord, NodeRecord, dump
 from common.store import EtcdStore, StoreError, StoreUnavailable
@@ -69,11 +70,6 @@ def _snapshot(record: BackendRecord) -> BackendRecord:
                                    load.running, load.waiting, load.kv_cache_usage))
 
 
-def jittered(delay: float, rng: random.Random) -> float:
-    """``delay`` spread over [delay/2, delay] so agents do not retry in lockstep."""
-    return delay * (0.5 + rng.random() / 2)
-
-
 class Heartbeat:
     """Owns the agent's lease and the records bound to it."""
 
@@ -108,7 +104,8 @@ class Heartbeat:
 
     async def run(self) -> None:
         """Forever: keep the lease, publish changes, survive etcd going away."""
-        retry = 0.2
+        # Jittered so that a fleet cut off from etcd together does not retry in lockstep.
+        retry = Backoff(initial=0.2, cap=self.interval, jitter=0.5, rng=self._rng)
         next_beat = 0.0
         while True:
             now = time.monotonic()
@@ -118,8 +115,7 @@ class Heartbeat:
                 await self._once(beat)
             except StoreUnavailable as err:
                 self._lost_contact(str(err))
-                await asyncio.sleep(jittered(retry, self._rng))
-                retry = min(retry * 2, self.interval)
+                await asyncio.sleep(retry.next())
                 continue
             except StoreError as err:
                 # The lease is gone (expired while we were cut off, or revoked by hand):
@@ -128,10 +124,9 @@ class Heartbeat:
                 self.metrics.etcd_errors.labels(self.node).inc()
                 self.lease = None
                 self._written.clear()
-                await asyncio.sleep(jittered(retry, self._rng))
-                retry = min(retry * 2, self.interval)
+                await asyncio.sleep(retry.next())
                 continue
-            retry = 0.2
+            retry.reset()
             if beat:
                 next_beat = now + self.interval
             if not self.connected:
