@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ from agent.engines import EngineError
 from agent.health.probe import Ewma, Prober, ProbeResult
 from agent.metrics import AgentMetrics
 from agent.placement import PlacementError, place
+from common.backoff import Backoff
 from common.records import BackendRecord, GpuRecord, State
 
 log = logging.getLogger(__name__)
@@ -38,6 +40,9 @@ log = logging.getLogger(__name__)
 # A full re-list now and then catches anything an event could not tell (belt and braces).
 RESYNC_S = 30.0
 REFUSED_RETRY_S = 2.0  # a refused removal of an unconfigured backend's container
+# Retries of a container listing the engine refused (it answered, with an error).
+LIST_RETRY_INITIAL_S = 0.5
+LIST_RETRY_MAX_S = RESYNC_S
 # Consecutive failed probes before a ready backend counts as unhealthy.
 FAILS_TO_UNHEALTHY = 2
 
@@ -345,8 +350,16 @@ class Supervisor:
             pending.append(self._retry_at)
         return min([*pending, self._clock() + RESYNC_S]) - self._clock()
 
-    async def run(self) -> None:
-        """The reconcile loop: at start, on every wake, at backoff deadlines, and now and then."""
+    async def run(self, rng: random.Random | None = None) -> None:
+        """The reconcile loop: at start, on every wake, at backoff deadlines, and now and then.
+
+        It never ends by itself: an engine that is away or that refuses to list containers
+        is waited for. ``rng`` jitters the retries of a refused listing (seed it in tests).
+        """
+        # Jittered: a fleet-wide Docker fault (a bad upgrade) must not make every agent of a
+        # fleet retry at the same instant; capped so the agent notices a fix soon enough.
+        list_retry = Backoff(initial=LIST_RETRY_INITIAL_S, cap=LIST_RETRY_MAX_S, jitter=0.5,
+                             rng=rng)
         # Starting containers on a node an operator drained, only to remove them a moment
         # later, is exactly what a drain is meant to prevent: learn the drain state first.
         with contextlib.suppress(TimeoutError):
@@ -356,6 +369,20 @@ class Supervisor:
             try:
                 await self.reconcile()
                 self.activity = f"supervising {len(self.status)} backend(s)"
+                list_retry.reset()
+            except DockerFailed as err:
+                # Refusals of single actions are handled inside reconcile(); what reaches
+                # here is the engine refusing the listing itself (e.g. a 500). Without a
+                # listing nothing can be planned, but the backends keep the state their
+                # probes give them and the next attempt may well succeed.
+                delay = list_retry.next()
+                self.activity = (f"docker refused to list containers, retrying in "
+                                 f"{delay:.1f}s: {err}")
+                log.warning("cannot list containers, retrying in %.1fs: %s", delay, err)
+                # A wake (drain, inventory, a Docker event) is worth an earlier attempt.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), delay)
+                continue
             except DockerUnavailable as err:
                 self.activity = "waiting for the docker engine"
                 # The engines may well still serve (live-restore, or a slow daemon): the
