@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
@@ -82,6 +82,49 @@ class KeyValue:
     key: str
     value: bytes
     mod_revision: int
+    create_revision: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Compare:
+    """One condition of a transaction, on a key's revisions or value.
+
+    ``Compare.created(key, 0)`` holds while the key is absent; ``Compare.created(key, r)``
+    while the key is the one created at revision ``r`` (an election's fencing token: a key
+    deleted and created again by someone else has a newer create revision).
+    """
+
+    key: str
+    target: Literal["create", "mod", "value"]
+    expected: int | bytes
+
+    @classmethod
+    def created(cls, key: str, revision: int) -> Compare:
+        return cls(key, "create", revision)
+
+    @classmethod
+    def modified(cls, key: str, revision: int) -> Compare:
+        """Holds while ``key`` was last written at ``revision`` (0: the key is absent)."""
+        return cls(key, "mod", revision)
+
+    def request(self) -> Any:
+        c = rpc.Compare(key=self.key.encode(), result=rpc.Compare.EQUAL)
+        if self.target == "create":
+            c.target = rpc.Compare.CREATE
+            c.create_revision = int(self.expected)  # type: ignore[arg-type]
+        elif self.target == "mod":
+            c.target = rpc.Compare.MOD
+            c.mod_revision = int(self.expected)  # type: ignore[arg-type]
+        else:
+            c.target = rpc.Compare.VALUE
+            c.value = bytes(self.expected)  # type: ignore[arg-type]
+        return c
+
+
+@dataclass(frozen=True, slots=True)
+class TxnResult:
+    succeeded: bool
+    revision: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -460,6 +503,42 @@ class EtcdStore:
 
         await self._call(f"compact {revision}", op)
 
+    async def get_item(self, key: str) -> KeyValue | None:
+        """``key`` with its revisions (for a compare-and-swap), or None."""
+        req = rpc.RangeRequest(key=key.encode())
+
+        async def op(conn: _Conn) -> Any:
+            return await conn.kv.Range(req, timeout=self._timeout)
+
+        resp = await self._call(f"get {key}", op)
+        if not resp.kvs:
+            return None
+        kv = resp.kvs[0]
+        return KeyValue(_key(kv.key), bytes(kv.value), int(kv.mod_revision),
+                        int(kv.create_revision))
+
+    async def txn(self, when: Sequence[Compare], *, puts: Sequence[tuple[str, bytes]] = (),
+                  deletes: Sequence[str] = (), lease: int | None = None) -> TxnResult:
+        """Apply ``puts`` and ``deletes`` in one revision if every compare in ``when`` holds.
+
+        The writes of a fenced writer (the placer) and compare-and-swap updates (aivmmctl
+        scale) go through here; nothing is written when a compare fails. A retried txn
+        whose first attempt was applied but unanswered fails its compare the second time:
+        callers re-read and decide again, which is what a lost race needs anyway.
+        """
+        compares = [c.request() for c in when]
+        ops = [rpc.RequestOp(request_put=rpc.PutRequest(key=k.encode(), value=v,
+                                                        lease=lease or 0)) for k, v in puts]
+        ops += [rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=k.encode()))
+                for k in deletes]
+        req = rpc.TxnRequest(compare=compares, success=ops)
+
+        async def op(conn: _Conn) -> Any:
+            return await conn.kv.Txn(req, timeout=self._timeout)
+
+        resp = await self._call(f"txn of {len(ops)} ops", op)
+        return TxnResult(bool(resp.succeeded), int(resp.header.revision))
+
     # -- watches ---------------------------------------------------------------------------
 
     async def _watch(self, prefix: str, start_revision: int) -> AsyncIterator[_WatchBatch]:
@@ -589,7 +668,8 @@ class EtcdStore:
 def _snapshot(resp: Any) -> Snapshot:
     return Snapshot(
         revision=int(resp.header.revision),
-        items=[KeyValue(_key(kv.key), bytes(kv.value), int(kv.mod_revision)) for kv in resp.kvs],
+        items=[KeyValue(_key(kv.key), bytes(kv.value), int(kv.mod_revision),
+                        int(kv.create_revision)) for kv in resp.kvs],
     )
 
 
