@@ -1,8 +1,11 @@
 """The agent's aiohttp application: state in AppKeys, loops in cleanup contexts.
 
-Start-up order is docker, inventory, supervisor, heartbeat; tear-down runs the other way,
-so on SIGTERM the lease is revoked first (the records vanish at once) and the containers are
-left running: the engines keep serving while the agent is away.
+:func:`common.daemon.serve` binds the socket before any of this starts (an agent whose port
+is taken touches neither etcd nor Docker). Then docker, inventory, supervisor, store,
+heartbeat, sd-notify; tear-down runs the other way, so on SIGTERM the lease is revoked first
+(the records vanish at once) and the containers are left running: the engines keep serving
+while the agent is away. The contexts are module-level functions reading AppKeys, as in the
+scheduler; the store and sd-notify ones are shared (:mod:`common.contexts`).
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
-from typing import Any
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
@@ -26,12 +29,14 @@ from agent.health.heartbeat import Heartbeat
 from agent.metrics import AgentMetrics
 from agent.supervisor import Supervisor
 from common import metrics as common_metrics
-from common.daemon import LISTENING, split_listen
+from common.contexts import STORE, DaemonSpec, init_daemon, notify_ctx, store_ctx
+from common.daemon import STOPPING, split_listen
 from common.keys import Keys
 from common.records import GpuRecord, NodeRecord, to_dict
-from common.sdnotify import Notifier, notify_loop
-from common.store import EtcdStore
-from common.tasks import GUARD, Guard
+from common.tasks import GUARD
+
+if TYPE_CHECKING:
+    from agent.inventory import Inventory
 
 log = logging.getLogger(__name__)
 
@@ -48,12 +53,10 @@ class GpuView:
 CONFIG: web.AppKey[AgentConfig] = web.AppKey("agent_config", AgentConfig)
 METRICS: web.AppKey[AgentMetrics] = web.AppKey("agent_metrics", AgentMetrics)
 DOCKER: web.AppKey[DockerAdapter] = web.AppKey("docker", DockerAdapter)
-INVENTORY: web.AppKey[Any] = web.AppKey("inventory", object)
+INVENTORY: web.AppKey[Inventory] = web.AppKey("inventory")
 GPUS: web.AppKey[GpuView] = web.AppKey("gpus", GpuView)
 SUPERVISOR: web.AppKey[Supervisor] = web.AppKey("supervisor", Supervisor)
-STORE: web.AppKey[EtcdStore] = web.AppKey("store", EtcdStore)
 HEARTBEAT: web.AppKey[Heartbeat] = web.AppKey("heartbeat", Heartbeat)
-NOTIFIER: web.AppKey[Notifier] = web.AppKey("notifier", Notifier)
 STARTED_AT: web.AppKey[float] = web.AppKey("started_at", float)
 
 
@@ -71,88 +74,86 @@ def agent_url(config: AgentConfig) -> str:
     return f"http://{f'[{host}]' if ':' in host else host}:{port}"
 
 
-def build_app(config: AgentConfig, *, inventory: Any = None, docker: DockerAdapter | None = None,
-              store: EtcdStore | None = None, notifier: Notifier | None = None) -> web.Application:
-    """The agent; ``inventory``, ``docker`` and ``store`` replace the ones built from config."""
+def build_app(config: AgentConfig, *, inventory: Inventory | None = None) -> web.Application:
+    """The agent; ``inventory`` replaces the one built from config (and is not closed).
+
+    Likewise a ``DOCKER``, ``STORE`` or ``NOTIFIER`` set before start-up is used as it is.
+    """
     app = web.Application()
-    app[GUARD] = Guard()
+    init_daemon(app, DaemonSpec(etcd=list(config.etcd), status=status_line))
     app[CONFIG] = config
     app[STARTED_AT] = time.time()
     app[GPUS] = GpuView()
-    app[NOTIFIER] = notifier or Notifier()
-    app[LISTENING] = asyncio.Event()
+    if inventory is not None:
+        app[INVENTORY] = inventory
     registry = CollectorRegistry()
     app[METRICS] = AgentMetrics(registry, config.node_name)
     common_metrics.install(app, registry)
     app.router.add_get("/healthz", handle_healthz)
     app.router.add_get("/v1/state", handle_state)
-
-    async def docker_ctx(app: web.Application) -> AsyncIterator[None]:
-        app[DOCKER] = docker or DockerAdapter(config.docker_host)
-        yield
-        if docker is None:
-            await app[DOCKER].close()
-
-    async def inventory_ctx(app: web.Application) -> AsyncIterator[None]:
-        if inventory is None:
-            from agent.inventory import Inventory  # NVML loads only when the agent runs
-            app[INVENTORY] = Inventory(config.sysfs_root, proc_root=config.proc_root,
-                                       offer_integrated=config.offer_integrated)
-        else:
-            app[INVENTORY] = inventory
-        await rescan(app)
-        app[GUARD].spawn("inventory", inventory_loop(app))
-        yield
-        await app[GUARD].cancel("inventory")
-        if inventory is None:
-            app[INVENTORY].close()
-
-    async def supervisor_ctx(app: web.Application) -> AsyncIterator[None]:
-        view = app[GPUS]
-        sup = Supervisor(config, app[DOCKER], app[METRICS],
-                         gpus=lambda: (view.gpus, view.offerable))
-        app[SUPERVISOR] = sup
-        view.on_change = sup.wake
-        guard = app[GUARD]
-        guard.spawn("supervisor", sup.run())
-        guard.spawn("docker-events", sup.watch_events())
-        guard.spawn("probes", sup.probe_loop())
-        yield
-        await guard.cancel("supervisor", "docker-events", "probes")
-
-    async def heartbeat_ctx(app: web.Application) -> AsyncIterator[None]:
-        own = store is None
-        app[STORE] = store or EtcdStore(config.etcd)
-        if own:
-            await app[STORE].connect()
-        sup = app[SUPERVISOR]
-        beat = Heartbeat(app[STORE], Keys(config.etcd_prefix), node=config.node_name,
-                         interval=config.heartbeat_interval, ttl=config.lease_ttl,
-                         node_record=lambda: node_record(app), backends=sup.records,
-                         metrics=app[METRICS])
-        app[HEARTBEAT] = beat
-        sup.on_change = beat.poke
-        app[GUARD].spawn("heartbeat", beat.run())
-        app[GUARD].spawn("drain-watch", follow_drain(app[STORE], Keys(config.etcd_prefix),
-                                                     config.node_name, sup.set_drained))
-        yield
-        await app[GUARD].cancel("drain-watch", "heartbeat")
-        await beat.revoke()
-        if own:
-            await app[STORE].close()
-
-    async def notify_ctx(app: web.Application) -> AsyncIterator[None]:
-        notifier = app[NOTIFIER]
-        listening = app[LISTENING]
-        app[GUARD].spawn("sd-notify", notify_loop(notifier, ready=listening.is_set,
-                                                  status=lambda: status_line(app)))
-        yield
-        await app[GUARD].cancel("sd-notify")
-        notifier.stopping()
-
-    app.cleanup_ctx.extend([docker_ctx, inventory_ctx, supervisor_ctx, heartbeat_ctx,
+    app.cleanup_ctx.extend([docker_ctx, inventory_ctx, supervisor_ctx, store_ctx, heartbeat_ctx,
                             notify_ctx])
     return app
+
+
+async def docker_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The Docker client, unless one was set; closes only its own."""
+    own = DOCKER not in app
+    if own:
+        app[DOCKER] = DockerAdapter(app[CONFIG].docker_host)
+    yield
+    if own:
+        await app[DOCKER].close()
+
+
+async def inventory_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The GPU inventory and its rescan loop; the first scan is done before start-up ends."""
+    own = INVENTORY not in app
+    if own:
+        from agent.inventory import Inventory  # NVML loads only when the agent runs
+        config = app[CONFIG]
+        app[INVENTORY] = Inventory(config.sysfs_root, proc_root=config.proc_root,
+                                   offer_integrated=config.offer_integrated)
+    await rescan(app)
+    app[GUARD].spawn("inventory", inventory_loop(app))
+    yield
+    await app[GUARD].cancel("inventory")
+    if own:
+        app[INVENTORY].close()
+
+
+async def supervisor_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Reconcile the backend containers; on the way out they are left running."""
+    view = app[GPUS]
+    sup = Supervisor(app[CONFIG], app[DOCKER], app[METRICS],
+                     gpus=lambda: (view.gpus, view.offerable))
+    app[SUPERVISOR] = sup
+    view.on_change = sup.wake
+    guard = app[GUARD]
+    guard.spawn("supervisor", sup.run())
+    guard.spawn("docker-events", sup.watch_events())
+    guard.spawn("probes", sup.probe_loop())
+    yield
+    await guard.cancel("supervisor", "docker-events", "probes")
+
+
+async def heartbeat_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Publish the node and its backends under a lease; revoke it on the way out."""
+    config = app[CONFIG]
+    store = app[STORE]
+    keys = Keys(config.etcd_prefix)
+    sup = app[SUPERVISOR]
+    beat = Heartbeat(store, keys, node=config.node_name,
+                     interval=config.heartbeat_interval, ttl=config.lease_ttl,
+                     node_record=lambda: node_record(app), backends=sup.records,
+                     metrics=app[METRICS])
+    app[HEARTBEAT] = beat
+    sup.on_change = beat.poke
+    app[GUARD].spawn("heartbeat", beat.run())
+    app[GUARD].spawn("drain-watch", follow_drain(store, keys, config.node_name, sup.set_drained))
+    yield
+    await app[GUARD].cancel("drain-watch", "heartbeat")
+    await beat.revoke()
 
 
 async def rescan(app: web.Application) -> None:
@@ -223,8 +224,13 @@ def status_line(app: web.Application) -> str:
 async def handle_healthz(request: web.Request) -> web.Response:
     """The agent process is serving (etcd or Docker being away is reported, not fatal)."""
     app = request.app
-    etcd = app[HEARTBEAT].connected if HEARTBEAT in app else False
-    return web.json_response({"status": "ok", "etcd_connected": etcd})
+    return web.json_response({"status": "ok", "etcd_connected": heartbeat_connected(app),
+                              "stopping": app[STOPPING].is_set()})
+
+
+def heartbeat_connected(app: web.Application) -> bool:
+    """Whether the heartbeat's last exchange with etcd worked; False before it started."""
+    return app[HEARTBEAT].connected if HEARTBEAT in app else False
 
 
 async def handle_state(request: web.Request) -> web.Response:
@@ -237,5 +243,5 @@ async def handle_state(request: web.Request) -> web.Response:
         "gpus": [to_dict(g) for g in view.gpus],
         "offerable": [g.index for g in view.offerable],
         "backends": [to_dict(b) for b in backends],
-        "etcd_connected": app[HEARTBEAT].connected if HEARTBEAT in app else False,
+        "etcd_connected": heartbeat_connected(app),
     })

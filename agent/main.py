@@ -13,7 +13,6 @@ from common import logs
 from common.cli import daemon_parser, load_or_exit
 from common.daemon import serve
 from common.keys import Keys
-from common.sdnotify import Notifier
 from common.store import EtcdStore, StoreError
 
 log = logging.getLogger("agent")
@@ -45,11 +44,8 @@ async def drain(config: AgentConfig) -> int:
 
 
 async def run(config: AgentConfig) -> int:
-    notifier = Notifier()
-    try:
-        return await serve(build_app(config, notifier=notifier), config.listen)
-    finally:
-        notifier.close()
+    """Serve the agent until SIGTERM (0) or a failure (1: also when ``listen`` is taken)."""
+    return await serve(build_app(config), config.listen)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,11 +1,12 @@
 """The scheduler's aiohttp application: OpenAI routes, health, metrics, status page.
 
-State lives in AppKeys; the etcd watch runs in a cleanup_ctx as a guarded eternal task.
+State lives in AppKeys; the etcd watch runs in a cleanup_ctx as a guarded eternal task. The
+contexts are module-level functions reading AppKeys, as in the agent; the store and sd-notify
+ones are shared (:mod:`common.contexts`).
 """
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -13,12 +14,11 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from common.daemon import LISTENING
+from common.contexts import STORE, DaemonSpec, etcd_connected, init_daemon, notify_ctx, store_ctx
+from common.daemon import STOPPING
 from common.keys import Keys
 from common.metrics import REGISTRY, handle_metrics
-from common.sdnotify import Notifier, notify_loop
-from common.store import EtcdStore
-from common.tasks import GUARD, Guard
+from common.tasks import GUARD
 from scheduler import status
 from scheduler.auth import Authenticator, read_keys_file
 from scheduler.budget import RetryBudget
@@ -35,11 +35,9 @@ PROXY: web.AppKey[Proxy] = web.AppKey("proxy", Proxy)
 REGISTRY_VIEW: web.AppKey[Registry] = web.AppKey("registry", Registry)
 AUTH: web.AppKey[Authenticator] = web.AppKey("auth", Authenticator)
 METRICS: web.AppKey[SchedulerMetrics] = web.AppKey("metrics", SchedulerMetrics)
-STORE: web.AppKey[Any] = web.AppKey("store", object)
 FAILOVERS: web.AppKey[status.FailoverLog] = web.AppKey("failovers", status.FailoverLog)
 RATES: web.AppKey[status.RequestRates] = web.AppKey("rates", status.RequestRates)
 ETCD_VIEW: web.AppKey[status.EtcdView] = web.AppKey("etcd_view", status.EtcdView)
-NOTIFIER: web.AppKey[Notifier] = web.AppKey("notifier", Notifier)
 
 OPENAI_POST_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 
@@ -47,15 +45,6 @@ OPENAI_POST_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings"
 def _unauthorized() -> web.Response:
     return error_response(401, "Incorrect API key provided", "invalid_api_key",
                           headers={"WWW-Authenticate": "Bearer"})
-
-
-def etcd_connected(app: web.Application) -> bool:
-    """Whether the store says etcd answers; a store that cannot say counts as synced."""
-    store = app.get(STORE)
-    connected = getattr(store, "connected", None)
-    if connected is None:
-        return app[REGISTRY_VIEW].synced
-    return bool(connected() if callable(connected) else connected)
 
 
 async def handle_openai(request: web.Request) -> web.StreamResponse:
@@ -120,14 +109,19 @@ async def handle_healthz(request: web.Request) -> web.Response:
 
 
 async def handle_readyz(request: web.Request) -> web.Response:
-    """Ready once the table was loaded; a lost etcd is reported but does not stop routing."""
+    """Ready once the table was loaded and until stopping begins; a lost etcd is reported
+    but does not stop routing."""
     app = request.app
-    synced = app[REGISTRY_VIEW].synced
+    stopping = app[STOPPING].is_set()
+    # Not ready while stopping: the load balancer sends new work elsewhere while the
+    # requests in flight here finish.
+    ready = app[REGISTRY_VIEW].synced and not stopping
     connected = etcd_connected(app)
-    body = {"ready": synced, "etcd": "connected" if connected else "disconnected",
+    body = {"ready": ready, "stopping": stopping,
+            "etcd": "connected" if connected else "disconnected",
             "stale": not connected, "backends": app[ROUTER].counts(time.monotonic()),
             "revision": app[REGISTRY_VIEW].revision}
-    return web.json_response(body, status=200 if synced else 503)
+    return web.json_response(body, status=200 if ready else 503)
 
 
 async def handle_metrics_fresh(request: web.Request) -> web.Response:
@@ -153,7 +147,7 @@ async def handle_cluster(request: web.Request) -> web.Response:
             not app[AUTH].allows(request.headers.get("Authorization")):
         return _unauthorized()
     view = app[ETCD_VIEW]
-    await view.refresh(app.get(STORE))
+    await view.refresh(app[STORE])
     body = status.cluster(app[ROUTER], view, app[RATES].rates(), app[FAILOVERS],
                           etcd_connected=etcd_connected(app), now=time.monotonic())
     return web.Response(body=orjson.dumps(body), content_type="application/json",
@@ -171,24 +165,18 @@ def request_totals(metrics: SchedulerMetrics) -> dict[tuple[str, str], float]:
     return totals
 
 
-async def _proxy_ctx(app: web.Application) -> AsyncIterator[None]:
+async def proxy_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The upstream HTTP client's session."""
     await app[PROXY].open()
     yield
     await app[PROXY].close()
 
 
-async def _watch_ctx(app: web.Application) -> AsyncIterator[None]:
-    """Follow etcd in a guarded task; owns the store only when build_app made it."""
-    owned = app.get(STORE) is None
-    if owned:
-        config = app[CONFIG]
-        app[STORE] = EtcdStore(config.etcd)
-        await app[STORE].connect()
+async def watch_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Follow etcd's backend records into the routing table, in a guarded task."""
     app[GUARD].spawn("backend-watch", app[REGISTRY_VIEW].run(app[STORE]))
     yield
     await app[GUARD].cancel("backend-watch")
-    if owned:
-        await app[STORE].close()
 
 
 def status_line(app: web.Application) -> str:
@@ -201,31 +189,22 @@ def status_line(app: web.Application) -> str:
             f"{counts['not_ready']} not ready; {etcd}")
 
 
-async def _notify_ctx(app: web.Application) -> AsyncIterator[None]:
-    """READY=1 once listening with the table loaded; STATUS= and WATCHDOG=1 under systemd."""
-    notifier = app[NOTIFIER]
-    if notifier.enabled:
-        listening = app[LISTENING]
-        app[GUARD].spawn("sd-notify", notify_loop(
-            notifier, ready=lambda: listening.is_set() and app[REGISTRY_VIEW].synced,
-            status=lambda: status_line(app)))
-    yield
-    if notifier.enabled:
-        await app[GUARD].cancel("sd-notify")
-        notifier.stopping()
-    notifier.close()
+def table_loaded(app: web.Application) -> bool:
+    """READY=1 waits for the backend table: routing before it would answer 404s."""
+    return app[REGISTRY_VIEW].synced
 
 
-def build_app(config: SchedulerConfig, store: Any = None, *, router: Router | None = None,
-              notifier: Notifier | None = None) -> web.Application:
-    """The scheduler application; ``store`` (an EtcdStore) is made from config when None."""
+def build_app(config: SchedulerConfig) -> web.Application:
+    """The scheduler application; a ``STORE`` or ``NOTIFIER`` set before start-up is used as
+    it is (and not closed), else they are made from config and the environment."""
     app = web.Application(client_max_size=config.max_body_bytes,
                           middlewares=[openai_shaped_errors])
+    init_daemon(app, DaemonSpec(etcd=list(config.etcd), status=status_line, ready=table_loaded))
     keys = list(config.api_keys)
     if config.api_keys_file:
         keys += read_keys_file(config.api_keys_file)
     metrics = SchedulerMetrics()
-    router = router or Router(
+    router = Router(
         eject_threshold=config.eject_failures, eject_base_s=config.eject_base_seconds,
         eject_max_s=config.eject_max_seconds, max_inflight=config.max_inflight_per_backend)
     proxy = Proxy(router, RetryBudget(ratio=config.retry_budget_ratio), metrics, ProxySettings(
@@ -247,12 +226,6 @@ def build_app(config: SchedulerConfig, store: Any = None, *, router: Router | No
     app[RATES] = status.RequestRates(lambda: request_totals(metrics))
     app[ETCD_VIEW] = status.EtcdView(Keys(config.etcd_prefix))
     app[REGISTRY] = metrics.registry
-    app[NOTIFIER] = notifier or Notifier()
-    app[LISTENING] = asyncio.Event()
-    if GUARD not in app:
-        app[GUARD] = Guard()
-    if store is not None:
-        app[STORE] = store
     for path in OPENAI_POST_PATHS:
         app.router.add_post(path, handle_openai)
     app.router.add_get("/v1/models", handle_models)
@@ -261,8 +234,6 @@ def build_app(config: SchedulerConfig, store: Any = None, *, router: Router | No
     app.router.add_get("/metrics", handle_metrics_fresh)
     app.router.add_get("/", handle_status)
     app.router.add_get("/v1/cluster", handle_cluster)
-    app.cleanup_ctx.append(_proxy_ctx)
-    app.cleanup_ctx.append(_watch_ctx)
-    # Last, so that on the way out STOPPING=1 goes first.
-    app.cleanup_ctx.append(_notify_ctx)
+    # notify_ctx last, so that on the way out STOPPING=1 goes first.
+    app.cleanup_ctx.extend([proxy_ctx, store_ctx, watch_ctx, notify_ctx])
     return app

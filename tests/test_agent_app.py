@@ -12,6 +12,7 @@ from aiohttp import web
 
 from agent.app import build_app
 from agent.config import AgentConfig, BackendConfig
+from common.contexts import NOTIFIER
 from common.daemon import LISTENING
 from common.sdnotify import Notifier
 from common.tasks import GUARD
@@ -42,7 +43,8 @@ async def test_state_metrics_health_and_readiness_notification(fleet: Fleet,
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     notify.bind(str(tmp_path / "notify.sock"))
     notify.setblocking(False)
-    app = build_app(config, notifier=Notifier({"NOTIFY_SOCKET": str(tmp_path / "notify.sock")}))
+    app = build_app(config)
+    app[NOTIFIER] = Notifier({"NOTIFY_SOCKET": str(tmp_path / "notify.sock")})
     runner = web.AppRunner(app)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", int(listen.rpartition(":")[2]))
@@ -68,6 +70,7 @@ async def test_state_metrics_health_and_readiness_notification(fleet: Fleet,
 
             async with http.get(base + "/healthz") as resp:
                 assert resp.status == 200
+                assert (await resp.json())["stopping"] is False
 
             async def metrics() -> str | None:
                 async with http.get(base + "/metrics") as resp:
