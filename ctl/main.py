@@ -8,10 +8,11 @@ import os
 import sys
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 import orjson
 
+from common.deployview import deployment_views, parse_backends, read_records
 from common.endpoints import etcd_target
 from common.keys import Keys
 from common.records import (
@@ -20,10 +21,10 @@ from common.records import (
     NodeRecord,
     RecordError,
     dump,
-    parse_backend,
     parse_node,
 )
 from common.store import EtcdStore, StoreUnavailable
+from ctl import deployments
 
 EXIT_UNREACHABLE = 1
 EXIT_USAGE = 2
@@ -46,8 +47,9 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 
 def render(nodes: list[NodeRecord], backends: list[BackendRecord], skipped: int,
-           now: float, drained: Sequence[str] = ()) -> str:
-    """The human-readable status: nodes, GPUs, backends."""
+           now: float, drained: Sequence[str] = (),
+           deployment_views: Sequence[dict[str, Any]] = ()) -> str:
+    """The human-readable status: nodes, GPUs, backends, and deployments when there are."""
     out = [f"NODES ({len(nodes)})"]
     out.append(table(
         ["NODE", "GPUS", "AGENT", "HEARTBEAT", ""],
@@ -67,31 +69,32 @@ def render(nodes: list[NodeRecord], backends: list[BackendRecord], skipped: int,
             table(["NODE", "IDX", "VENDOR", "NAME", "MEM GiB", "UTIL", "TEMP", "POWER", ""],
                   gpu_rows)]
     out += ["", f"BACKENDS ({len(backends)})", render_backends(backends)]
+    if deployment_views:
+        out += ["", deployments.render_summary(list(deployment_views), table)]
     if skipped:
         out += ["", f"warning: {skipped} record(s) could not be parsed and were skipped"]
     return "\n".join(out)
 
 
 async def fetch(endpoints: list[str], prefix: str, deadline: float) -> dict[str, Any]:
-    """Nodes, backends and drain requests as etcd has them now."""
+    """Nodes, backends, drain requests and deployments as etcd has them now."""
     keys = Keys(prefix)
     async with EtcdStore(endpoints, timeout=deadline) as store:
         node_snap = await store.get_prefix(keys.nodes)
         backend_snap = await store.get_prefix(keys.backends)
         drain_snap = await store.get_prefix(keys.drains)
-    nodes, backends, skipped = [], [], 0
+        records = await read_records(store, keys)
+    nodes, skipped = [], 0
     for kv in node_snap.items:
         try:
             nodes.append(parse_node(kv.value))
         except RecordError:
             skipped += 1
-    for kv in backend_snap.items:
-        try:
-            backends.append(parse_backend(kv.value))
-        except RecordError:
-            skipped += 1
+    backends, bad = parse_backends(kv.value for kv in backend_snap.items)
     drained = sorted(kv.key.removeprefix(keys.drains) for kv in drain_snap.items)
-    return {"nodes": nodes, "backends": backends, "drained": drained, "skipped": skipped}
+    return {"nodes": nodes, "backends": backends, "drained": drained,
+            "deployments": deployment_views(records, backends),
+            "skipped": skipped + bad + records.skipped}
 
 
 def render_backends(backends: list[BackendRecord]) -> str:
@@ -132,8 +135,16 @@ async def set_drain(endpoints: list[str], prefix: str, deadline: float, node: st
     return known
 
 
+class Parser(argparse.ArgumentParser):
+    """Bad input is one line naming the flag, exit 2 (not argparse's usage block)."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"aivmmctl: {message.removeprefix('argument ')}", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="aivmmctl", description="Inspect and steer an aivmm cluster.")
+    p = Parser(prog="aivmmctl", description="Inspect and steer an aivmm cluster.")
     p.add_argument("--etcd", default=os.environ.get("AIVMM_ETCD", "http://127.0.0.1:2379"),
                    metavar="URL[,URL...]", help="etcd endpoints (env AIVMM_ETCD)")
     p.add_argument("--prefix", default=os.environ.get("AIVMM_ETCD_PREFIX", "/aivmm/v1"),
@@ -153,6 +164,7 @@ def parser() -> argparse.ArgumentParser:
     targets = verbs.add_parser("prometheus-targets",
                                help="Prometheus file_sd JSON of every agent, from etcd")
     targets.add_argument("--output", "-o", help="file to write (atomically); default stdout")
+    deployments.add_parsers(verbs)
     return p
 
 
@@ -161,7 +173,8 @@ def _json(value: Any) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    args = parser().parse_args(deployments.join_arg_values(
+        sys.argv[1:] if argv is None else argv))
     endpoints = [u.strip() for u in args.etcd.split(",") if u.strip()]
     for url in endpoints:
         try:
@@ -170,6 +183,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"aivmmctl: --etcd: {err}", file=sys.stderr)
             return EXIT_USAGE
     try:
+        if args.verb in deployments.VERBS:
+            return asyncio.run(deployments.run(args, endpoints, table))
         if args.verb in ("drain", "undrain"):
             known = asyncio.run(set_drain(endpoints, args.prefix, args.timeout, args.node,
                                           args.reason if args.verb == "drain" else None))
@@ -208,7 +223,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdout.write(_json(view))
     else:
         print(render(view["nodes"], view["backends"], view["skipped"], time.time(),
-                     view["drained"]))
+                     view["drained"], view["deployments"]))
     return 0
 
 

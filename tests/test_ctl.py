@@ -73,6 +73,7 @@ async def test_status_prints_nodes_gpus_and_backends_as_tables(cluster: str, pre
     assert "run 2 wait 1" in " ".join(llama)
     assert "probe: connection refused" in next(ln for ln in lines if ln.startswith("arc-b/qwen"))
     assert "warning: 1 record(s) could not be parsed and were skipped" in lines
+    assert not any(ln.startswith("DEPLOYMENTS") for ln in lines)  # only when there are
 
 
 async def test_status_json_is_for_scripts(cluster: str, prefix: str) -> None:
@@ -83,7 +84,7 @@ async def test_status_json_is_for_scripts(cluster: str, prefix: str) -> None:
     by_name = {f"{b['node']}/{b['name']}": b for b in view["backends"]}
     assert by_name["gpu-a/llama"]["load"]["waiting"] == 1
     assert by_name["arc-b/qwen"]["state"] == "unhealthy"
-    assert view["skipped"] == 1 and view["drained"] == []
+    assert view["skipped"] == 1 and view["drained"] == [] and view["deployments"] == []
 
 
 async def test_backends_of_one_model(cluster: str, prefix: str) -> None:
@@ -129,7 +130,9 @@ async def test_prometheus_targets_lists_every_agent(cluster: str, prefix: str,
         {"targets": ["10.0.0.5:9410"], "labels": {"node": "gpu-a"}}]
 
 
-@pytest.mark.parametrize("verb", [["status"], ["backends"], ["drain", "n1"]])
+@pytest.mark.parametrize("verb", [["status"], ["backends"], ["drain", "n1"], ["deployments"],
+                                  ["deploy", "d1", "--model", "m"], ["scale", "d1", "2"],
+                                  ["undeploy", "d1"]])
 async def test_unreachable_etcd_is_one_clear_line(verb: list[str]) -> None:
     url = f"http://127.0.0.1:{free_port()}"
     out = await ctl(url, "/aivmm/v1", *verb)

@@ -1,0 +1,177 @@
+"""What each deployment looks like now, built from etcd records; one view for every reader.
+
+``aivmmctl deployments --json``, ``aivmmctl status`` and the scheduler's ``/v1/cluster``
+all show the same thing, so it is built here once from the records (docs/operations.md:
+aivmmctl deployments): the operator's :class:`DeploymentRecord`, the placer's
+:class:`PlacementStatus` and :class:`AssignmentRecord` s, and the agents'
+:class:`BackendRecord` s. Records that do not parse are skipped and counted, never raised.
+
+Environment values are not shown (they may hold tokens and ``/v1/cluster`` can be public):
+only their names.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from common.keys import Keys
+from common.records import (
+    AssignmentRecord,
+    BackendRecord,
+    DeploymentRecord,
+    PlacementStatus,
+    RecordError,
+    parse_assignment,
+    parse_backend,
+    parse_deployment,
+    parse_placement,
+)
+
+GIB = 2**30
+
+
+class PrefixReader(Protocol):
+    async def get_prefix(self, prefix: str) -> Any: ...
+
+
+@dataclass(slots=True)
+class DeploymentRecords:
+    """The parsed deployment, placement and assignment records, and how many did not parse."""
+
+    deployments: list[DeploymentRecord] = field(default_factory=list)
+    placements: dict[str, PlacementStatus] = field(default_factory=dict)
+    assignments: list[AssignmentRecord] = field(default_factory=list)
+    skipped: int = 0
+
+
+def parse_records(deployments: Iterable[bytes], placements: Iterable[bytes],
+                  assignments: Iterable[bytes]) -> DeploymentRecords:
+    """Parse raw record values; each one that is unusable is counted in ``skipped``."""
+    out = DeploymentRecords()
+    for raw in deployments:
+        try:
+            out.deployments.append(parse_deployment(raw))
+        except RecordError:
+            out.skipped += 1
+    for raw in placements:
+        try:
+            p = parse_placement(raw)
+        except RecordError:
+            out.skipped += 1
+            continue
+        out.placements[p.deployment] = p
+    for raw in assignments:
+        try:
+            out.assignments.append(parse_assignment(raw))
+        except RecordError:
+            out.skipped += 1
+    return out
+
+
+def parse_backends(values: Iterable[bytes]) -> tuple[list[BackendRecord], int]:
+    """Backend records and how many did not parse."""
+    backends, skipped = [], 0
+    for raw in values:
+        try:
+            backends.append(parse_backend(raw))
+        except RecordError:
+            skipped += 1
+    return backends, skipped
+
+
+async def read_records(store: PrefixReader, keys: Keys) -> DeploymentRecords:
+    """Read deployments, placement statuses and assignments (three range reads at once)."""
+    deployments, placements, assignments = await asyncio.gather(
+        store.get_prefix(keys.deployments), store.get_prefix(keys.placements),
+        store.get_prefix(keys.assignments))
+    return parse_records([kv.value for kv in deployments.items],
+                         [kv.value for kv in placements.items],
+                         [kv.value for kv in assignments.items])
+
+
+def _replica(a: AssignmentRecord, backend: BackendRecord | None) -> dict[str, Any]:
+    return {
+        "replica": a.replica, "node": a.node, "backend": a.name, "assigned": True,
+        "engine": a.engine, "vendor": a.vendor, "gpus": list(a.gpus),
+        "memory_bytes": a.memory_bytes,
+        "memory_gib": None if a.memory_bytes is None else round(a.memory_bytes / GIB, 2),
+        "state": None if backend is None else backend.state,
+        "error": None if backend is None else backend.error,
+        "generation": a.generation,
+    }
+
+
+def _leftover(b: BackendRecord) -> dict[str, Any]:
+    """A backend of the deployment with no assignment: being removed (an old placement)."""
+    return {
+        "replica": None, "node": b.node, "backend": b.name, "assigned": False,
+        "engine": b.engine, "vendor": b.vendor, "gpus": [], "memory_bytes": None,
+        "memory_gib": None, "state": b.state, "error": b.error, "generation": None,
+    }
+
+
+def deployment_views(records: DeploymentRecords,
+                     backends: Iterable[BackendRecord]) -> list[dict[str, Any]]:
+    """One JSON-ready dict per deployment, sorted by name (the shape is documented in
+    docs/operations.md and is the same for aivmmctl and /v1/cluster).
+
+    ``placed`` counts the deployment's assignments, ``ready`` its backend records in state
+    ready; ``pending`` and ``reasons`` are the placer's (``pending`` is None until the
+    placer has reported on the deployment).
+    """
+    by_key: dict[tuple[str, str], BackendRecord] = {}
+    of_deployment: dict[str, list[BackendRecord]] = {}
+    for b in backends:
+        by_key[(b.node, b.name)] = b
+        if b.deployment is not None:
+            of_deployment.setdefault(b.deployment, []).append(b)
+    assigned: dict[str, list[AssignmentRecord]] = {}
+    for a in records.assignments:
+        assigned.setdefault(a.deployment, []).append(a)
+    views = []
+    for d in sorted(records.deployments, key=lambda d: d.name):
+        mine = sorted(assigned.get(d.name, []), key=lambda a: (a.replica, a.node))
+        taken = {(a.node, a.name) for a in mine}
+        replicas = [_replica(a, by_key.get((a.node, a.name))) for a in mine]
+        own = sorted(of_deployment.get(d.name, []), key=lambda b: (b.node, b.name))
+        replicas += [_leftover(b) for b in own if (b.node, b.name) not in taken]
+        status = records.placements.get(d.name)
+        views.append({
+            "name": d.name, "model": d.model, "engine": d.engine, "policy": d.placement,
+            "desired": d.replicas, "placed": len(mine),
+            "ready": sum(1 for b in own if b.state == "ready"),
+            "pending": None if status is None else status.pending,
+            "reasons": [] if status is None else list(status.reasons),
+            "placer": None if status is None else (status.placer or None),
+            "placement_updated_at": None if status is None else status.updated_at,
+            "request": {"gpus": d.gpus, "memory_bytes": d.memory_bytes,
+                        "vendors": list(d.vendors), "nodes": list(d.nodes),
+                        "labels": dict(d.labels)},
+            "image": d.image, "args": list(d.args), "env": sorted(d.env),
+            "created_at": d.created_at, "updated_at": d.updated_at,
+            "replicas": replicas,
+        })
+    return views
+
+
+def pending_text(view: dict[str, Any]) -> str:
+    """The pending column: '' when all are placed, else the count and the placer's reasons."""
+    pending = view["pending"]
+    if pending is None:
+        short = view["desired"] - view["placed"]
+        return f"{short}: waiting for the placer" if short > 0 else ""
+    if not pending:
+        return ""
+    reasons = "; ".join(view["reasons"]) or "no reason given"
+    return f"{pending}: {reasons}"
+
+
+def gpus_text(replica: dict[str, Any]) -> str:
+    """A replica's GPUs: '0,1', or '0 (20.0 GiB)' when it reserves memory on a shared GPU."""
+    text = ",".join(str(i) for i in replica["gpus"]) or "-"
+    if replica["memory_gib"] is not None:
+        text += f" ({replica['memory_gib']:.1f} GiB)"
+    return text

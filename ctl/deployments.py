@@ -1,0 +1,305 @@
+"""aivmmctl's deployment verbs: deploy, scale, undeploy, deployments.
+
+An operator writes only the desired state, ``{prefix}/deployments/{name}``; the elected
+placer turns it into assignments and the agents into containers (docs/deployments.md).
+Bad input exits 2 with one line naming the flag; an unreachable etcd exits 1 (main's
+handler).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import orjson
+
+from common.deployview import (
+    DeploymentRecords,
+    deployment_views,
+    gpus_text,
+    parse_backends,
+    pending_text,
+    read_records,
+)
+from common.keys import Keys
+from common.records import (
+    NAME,
+    POLICIES,
+    VENDORS,
+    DeploymentRecord,
+    RecordError,
+    deployment_problem,
+    dump,
+    parse,
+)
+from common.store import Compare, EtcdStore
+
+EXIT_USAGE = 2
+ENGINES = ("auto", "vllm", "ipex-llm", "openvino", "sim", "custom")
+VERBS = ("deploy", "scale", "undeploy", "deployments")
+CAS_ATTEMPTS = 5
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*$")
+_UNITS = {"": 1, "b": 1,
+          "k": 2**10, "ki": 2**10, "kib": 2**10, "kb": 10**3,
+          "m": 2**20, "mi": 2**20, "mib": 2**20, "mb": 10**6,
+          "g": 2**30, "gi": 2**30, "gib": 2**30, "gb": 10**9,
+          "t": 2**40, "ti": 2**40, "tib": 2**40, "tb": 10**12}
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# deployment_problem names record fields; the operator typed flags.
+_FLAGS = {"name": "NAME", "model": "--model", "replicas": "--replicas", "gpus": "--gpus",
+          "memory_bytes": "--memory"}
+
+
+Table = Callable[[Sequence[str], Sequence[Sequence[str]]], str]
+
+
+class UsageError(Exception):
+    """Bad input: main prints ``aivmmctl: <message>`` and exits 2."""
+
+
+class Conflict(Exception):
+    """The deployment kept changing under a compare-and-swap."""
+
+
+# -- argument types ----------------------------------------------------------------------------
+
+def parse_size(text: str) -> int:
+    """Bytes from '20GiB', '20G', '512MiB', '1.5GiB' or plain '21474836480'.
+
+    K/M/G/T with or without 'i'/'iB' are binary (GPU memory is counted in GiB); 'KB', 'MB',
+    'GB', 'TB' are decimal.
+    """
+    m = _SIZE.match(text)
+    unit = _UNITS.get(m.group(2).lower()) if m else None
+    if m is None or unit is None:
+        raise argparse.ArgumentTypeError(
+            f"expected a size such as 20GiB, 512MiB or 21474836480, got {text!r}")
+    return round(float(m.group(1)) * unit)
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def _label(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key.strip(), value
+
+
+def _env(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not _ENV_NAME.match(key):
+        raise argparse.ArgumentTypeError(
+            f"expected NAME=VALUE (NAME of letters, digits and '_'), got {text!r}")
+    return key, value
+
+
+def _node(text: str) -> str:
+    if not NAME.match(text):
+        raise argparse.ArgumentTypeError(f"expected a node name, got {text!r}")
+    return text
+
+
+def join_arg_values(argv: Sequence[str]) -> list[str]:
+    """``--arg X`` as ``--arg=X``, so an engine flag such as ``--arg --dtype`` is taken as
+    the value it is rather than as an aivmmctl option."""
+    out: list[str] = []
+    it = iter(argv)
+    for token in it:
+        if token == "--":
+            out.append(token)
+            out.extend(it)
+            break
+        if token == "--arg":
+            value = next(it, None)
+            out.append(token if value is None else f"--arg={value}")
+        else:
+            out.append(token)
+    return out
+
+
+def add_parsers(verbs: Any) -> None:
+    """Register the deployment verbs on aivmmctl's subparsers."""
+    d = verbs.add_parser("deploy", help="create or update a deployment (desired state)")
+    d.add_argument("name", metavar="NAME", help="deployment name (letters, digits, . _ -)")
+    d.add_argument("--model", required=True, help="the model id clients ask for")
+    d.add_argument("--replicas", type=_count, default=1, help="replicas wanted (default 1)")
+    d.add_argument("--engine", choices=ENGINES, default="auto",
+                   help="engine (default auto: any engine for the chosen GPU's vendor)")
+    d.add_argument("--vendor", action="append", choices=VENDORS, default=[],
+                   help="allowed GPU vendor (repeatable; default any)")
+    d.add_argument("--node", action="append", type=_node, default=[],
+                   help="allowed node (repeatable; default any)")
+    d.add_argument("--gpus", type=_count, default=None, help="whole GPUs per replica (1)")
+    d.add_argument("--memory", type=parse_size, default=None, metavar="SIZE",
+                   help="memory per replica on one shared GPU, e.g. 20GiB (not with --gpus)")
+    d.add_argument("--label", action="append", type=_label, default=[], metavar="KEY=VALUE",
+                   help="node label required (repeatable)")
+    d.add_argument("--policy", choices=POLICIES, default="spread",
+                   help="spread replicas over nodes, or binpack them (default spread)")
+    d.add_argument("--image", help="container image (default: the engine's)")
+    d.add_argument("--arg", action="append", default=[], metavar="ARG",
+                   help="engine argument (repeatable; --arg --dtype or --arg=--dtype=half)")
+    d.add_argument("--env", action="append", type=_env, default=[], metavar="NAME=VALUE",
+                   help="container environment variable (repeatable)")
+    s = verbs.add_parser("scale", help="change a deployment's replicas")
+    s.add_argument("name", metavar="NAME")
+    s.add_argument("replicas", metavar="N", type=_count)
+    u = verbs.add_parser("undeploy", help="delete a deployment (its replicas are removed)")
+    u.add_argument("name", metavar="NAME")
+    ls = verbs.add_parser("deployments", help="deployments: desired, placed, ready, where")
+    ls.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def build_record(args: argparse.Namespace, now: float) -> DeploymentRecord:
+    """The deployment the flags describe; raises UsageError naming the flag."""
+    if args.gpus is not None and args.memory is not None:
+        raise UsageError("--memory: cannot be combined with --gpus (a replica takes either "
+                         "whole GPUs or memory of one shared GPU)")
+    record = DeploymentRecord(
+        name=args.name, model=args.model, engine=args.engine, replicas=args.replicas,
+        gpus=1 if args.gpus is None else args.gpus, memory_bytes=args.memory,
+        vendors=list(dict.fromkeys(args.vendor)), nodes=list(dict.fromkeys(args.node)),
+        labels=dict(args.label), image=args.image or None, args=list(args.arg),
+        env=dict(args.env), placement=args.policy, created_at=now, updated_at=now)
+    problem = deployment_problem(record)
+    if problem:
+        field, _, why = problem.removeprefix("field '").partition("': ")
+        flag = _FLAGS.get(field, field)
+        value = {"NAME": args.name, "--model": args.model}.get(flag)
+        raise UsageError(f"{flag}: {why}" + ("" if value is None else f", got {value!r}"))
+    return record
+
+
+# -- etcd ----------------------------------------------------------------------------------------
+
+async def _put_if_unchanged(store: EtcdStore, key: str, value: bytes, mod_revision: int
+                            ) -> bool:
+    """Write ``key`` only if it was last written at ``mod_revision`` (0: still absent)."""
+    result = await store.txn([Compare.modified(key, mod_revision)], puts=[(key, value)])
+    return result.succeeded
+
+
+async def write_deployment(store: EtcdStore, keys: Keys, record: DeploymentRecord) -> bool:
+    """Create or replace the deployment, keeping an existing record's created_at; True when
+    it was created."""
+    key = keys.deployment(record.name)
+    for _ in range(CAS_ATTEMPTS):
+        kv = await store.get_item(key)
+        if kv is not None:
+            try:  # a record that fails today's checks still tells when it was created
+                record.created_at = parse(kv.value, DeploymentRecord).created_at or \
+                    record.updated_at
+            except RecordError:
+                record.created_at = record.updated_at
+        if await _put_if_unchanged(store, key, dump(record),
+                                   0 if kv is None else kv.mod_revision):
+            return kv is None
+    raise Conflict(record.name)
+
+
+async def scale_deployment(store: EtcdStore, keys: Keys, name: str, replicas: int
+                           ) -> tuple[int, int]:
+    """Set the replicas of an existing deployment, keeping every other field as it is now
+    (compare-and-swap). Returns (before, after); raises UsageError when it is absent."""
+    key = keys.deployment(name)
+    for _ in range(CAS_ATTEMPTS):
+        kv = await store.get_item(key)
+        if kv is None:
+            raise UsageError(f"no deployment {name}")
+        try:
+            record = parse(kv.value, DeploymentRecord)
+        except RecordError as err:
+            raise UsageError(f"{name}: its deployment record cannot be read ({err}); "
+                             f"write it again with 'aivmmctl deploy {name} ...'") from None
+        before = record.replicas
+        record.replicas, record.updated_at = replicas, time.time()
+        if await _put_if_unchanged(store, key, dump(record), kv.mod_revision):
+            return before, replicas
+    raise Conflict(name)
+
+
+async def read_views(store: EtcdStore, keys: Keys) -> tuple[list[dict[str, Any]], int]:
+    """The deployment views (common.deployview) and how many records did not parse."""
+    records: DeploymentRecords = await read_records(store, keys)
+    backend_snap = await store.get_prefix(keys.backends)
+    backends, bad = parse_backends(kv.value for kv in backend_snap.items)
+    return deployment_views(records, backends), records.skipped + bad
+
+
+# -- output --------------------------------------------------------------------------------------
+
+def render_summary(views: list[dict[str, Any]], table: Table) -> str:
+    """aivmmctl status's DEPLOYMENTS section."""
+    return "\n".join([f"DEPLOYMENTS ({len(views)})", table(
+        ["NAME", "MODEL", "DESIRED/PLACED/READY", "PENDING"],
+        [[v["name"], v["model"], f"{v['desired']}/{v['placed']}/{v['ready']}",
+          pending_text(v)] for v in views])])
+
+
+def render_deployments(views: list[dict[str, Any]], skipped: int, table: Table) -> str:
+    """aivmmctl deployments: one line per deployment, then one per replica."""
+    out = [f"DEPLOYMENTS ({len(views)})", table(
+        ["NAME", "MODEL", "ENGINE", "POLICY", "DESIRED", "PLACED", "READY", "PENDING"],
+        [[v["name"], v["model"], v["engine"], v["policy"], str(v["desired"]),
+          str(v["placed"]), str(v["ready"]), pending_text(v)] for v in views])]
+    rows = [[v["name"], "-" if r["replica"] is None else str(r["replica"]), r["node"],
+             gpus_text(r), r["backend"],
+             (r["state"] or "assigned") if r["assigned"] else f"{r['state']} (removing)",
+             r["error"] or ""]
+            for v in views for r in v["replicas"]]
+    out += ["", f"REPLICAS ({len(rows)})",
+            table(["DEPLOYMENT", "REPLICA", "NODE", "GPUS", "BACKEND", "STATE", "ERROR"], rows)]
+    if skipped:
+        out += ["", f"warning: {skipped} record(s) could not be parsed and were skipped"]
+    return "\n".join(out)
+
+
+async def run(args: argparse.Namespace, endpoints: list[str], table: Table) -> int:
+    """Run one deployment verb; StoreUnavailable propagates to main (exit 1)."""
+    keys = Keys(args.prefix)
+    try:
+        record = build_record(args, time.time()) if args.verb == "deploy" else None
+        async with EtcdStore(endpoints, timeout=args.timeout) as store:
+            if record is not None:
+                created = await write_deployment(store, keys, record)
+                print(f"deployment {record.name} {'created' if created else 'updated'}: "
+                      f"{record.replicas} replica(s) of {record.model}")
+            elif args.verb == "scale":
+                before, after = await scale_deployment(store, keys, args.name, args.replicas)
+                print(f"deployment {args.name} scaled: {before} -> {after} replica(s)")
+            elif args.verb == "undeploy":
+                if not await store.delete(keys.deployment(args.name)):
+                    raise UsageError(f"no deployment {args.name}")
+                print(f"deployment {args.name} deleted: its replicas are being removed")
+            else:
+                views, skipped = await read_views(store, keys)
+                if args.json:
+                    sys.stdout.write(_json({"deployments": views, "skipped": skipped}))
+                else:
+                    print(render_deployments(views, skipped, table))
+    except UsageError as err:
+        print(f"aivmmctl: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except Conflict as err:
+        print(f"aivmmctl: deployment {err} kept changing while being written; try again",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def _json(value: Any) -> str:
+    return orjson.dumps(value, option=orjson.OPT_INDENT_2).decode() + "\n"
