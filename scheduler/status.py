@@ -2,9 +2,11 @@
 
 The page is a fixed HTML document with inline CSS and JS and no data of its own, so it is
 served without a key; it polls ``/v1/cluster`` every 2 s. The JSON combines etcd's view
-(nodes and their GPUs, backend records, read on demand and cached for a few seconds, so a
-page left open costs etcd one read per cache period) with this replica's own figures: its
-latency estimates, in-flight counts, ejections, request rates and recent failovers.
+(nodes and their GPUs, backend records, and deployments with their placement and replicas
+as common/deployview.py builds them for aivmmctl too; read on demand and cached for a few
+seconds, so a page left open costs etcd one round of reads per cache period) with this
+replica's own figures: its latency estimates, in-flight counts, ejections, request rates
+and recent failovers.
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from common.deployview import deployment_views, read_records
 from common.keys import Keys
-from common.records import RecordError, parse_backend, parse_node, to_dict
+from common.records import BackendRecord, RecordError, parse_backend, parse_node, to_dict
 from scheduler.routing import Router
 
 log = logging.getLogger(__name__)
@@ -84,12 +87,14 @@ class Store(Protocol):
 
 @dataclass(slots=True)
 class EtcdView:
-    """Node and backend records read from etcd on demand, cached for ETCD_CACHE_S."""
+    """Node, backend and deployment records read from etcd on demand, cached for
+    ETCD_CACHE_S."""
 
     keys: Keys
     read_at: float = 0.0  # monotonic
     nodes: list[dict[str, Any]] = field(default_factory=list)
     backends: dict[str, dict[str, Any]] = field(default_factory=dict)
+    deployments: list[dict[str, Any]] = field(default_factory=list)
     error: str | None = None
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
@@ -99,9 +104,9 @@ class EtcdView:
             if store is None or time.monotonic() - self.read_at < ETCD_CACHE_S:
                 return
             try:
-                nodes, backends = await asyncio.wait_for(asyncio.gather(
-                    store.get_prefix(self.keys.nodes), store.get_prefix(self.keys.backends)),
-                    ETCD_READ_S)
+                nodes, backends, deployments = await asyncio.wait_for(asyncio.gather(
+                    store.get_prefix(self.keys.nodes), store.get_prefix(self.keys.backends),
+                    read_records(store, self.keys)), ETCD_READ_S)
             except Exception as err:  # an etcd outage: keep the last view, say so
                 self.error = str(err) or type(err).__name__
                 self.read_at = time.monotonic()
@@ -115,12 +120,15 @@ class EtcdView:
                 except RecordError:
                     continue
             self.backends = {}
+            records: list[BackendRecord] = []
             for kv in backends.items:
                 try:
                     b = parse_backend(kv.value)
                 except RecordError:
                     continue
+                records.append(b)
                 self.backends[f"{b.node}/{b.name}"] = to_dict(b)
+            self.deployments = deployment_views(deployments, records)
 
 
 def cluster(router: Router, view: EtcdView, rates: dict[tuple[str, str], float] | None,
@@ -152,6 +160,7 @@ def cluster(router: Router, view: EtcdView, rates: dict[tuple[str, str], float] 
         "models": {m: None if rates is None else round(per_model.get(m, 0.0), 3)
                    for m in sorted({m for b in backends for m in b["models"]} | set(per_model))},
         "request_rate": None if rates is None else round(sum(per_model.values()), 3),
+        "deployments": view.deployments,
         "failovers": [{"at": f.at, "model": f.model, "backend": f.backend, "reason": f.reason}
                       for f in reversed(failovers.items)],
         "generated_at": time.time(),
@@ -185,7 +194,8 @@ color:var(--info)}.unhealthy,.ejected{background:#3d2f12;color:var(--warn)}
 .bar{display:inline-block;width:80px;height:8px;background:var(--line);border-radius:4px;
 vertical-align:middle;margin-right:6px;overflow:hidden}.bar i{display:block;height:100%;
 background:var(--info)}.dim{color:var(--dim)}#updated{margin-left:auto;color:var(--dim)}
-.err{color:var(--bad)}
+.err{color:var(--bad)}.warn{color:var(--warn)}.wrap{white-space:normal}td.wrap{min-width:240px}
+.assigned,.removing{background:var(--line);color:var(--dim)}
 </style></head><body>
 <header><h1>aivmm</h1><span id="etcd" class="pill">…</span><span id="updated">loading…</span>
 </header>
@@ -194,6 +204,9 @@ background:var(--info)}.dim{color:var(--dim)}#updated{margin-left:auto;color:var
 <section><h2>Nodes and GPUs</h2><table id="gpus"><thead><tr><th>node</th><th>gpu</th>
 <th>name</th><th>memory</th><th>utilisation</th><th>temp</th><th>power</th></tr></thead>
 <tbody></tbody></table></section>
+<section><h2>Deployments</h2><table id="deployments"><thead><tr><th>deployment</th>
+<th>model</th><th class="num">desired / placed / ready</th><th>replicas (node, GPUs, state)</th>
+<th>pending</th></tr></thead><tbody></tbody></table></section>
 <section><h2>Backends</h2><table id="backends"><thead><tr><th>backend</th><th>model</th>
 <th>state</th><th>engine</th><th class="num">latency ms</th><th class="num">probe ms</th>
 <th class="num">in flight</th><th class="num">queued</th><th class="num">req/s</th>
@@ -219,6 +232,19 @@ function rows(sel, list, fn, empty) {
   $(sel + " tbody").innerHTML = list.length ? list.map(fn).join("")
     : `<tr><td colspan="10" class="dim">${empty}</td></tr>`;
 }
+function pending(d) {
+  if (d.pending == null) {
+    const short = d.desired - d.placed;
+    return short > 0 ? `${short}: waiting for the placer` : "";
+  }
+  return d.pending ? `${d.pending}: ${d.reasons.join("; ") || "no reason given"}` : "";
+}
+function replica(r) {
+  const gpus = (r.gpus.join(",") || "-")
+    + (r.memory_gib == null ? "" : ` (${Number(r.memory_gib).toFixed(1)} GiB)`);
+  const state = r.assigned ? (r.state || "assigned") : "removing";
+  return `<div>${esc(r.node)} · GPU ${esc(gpus)} ${pill(state)}</div>`;
+}
 function render(c) {
   const ready = c.backends.filter((b) => b.state === "ready").length;
   const gpus = c.nodes.flatMap((n) => n.gpus.map((g) => ({node: n.node, ...g})));
@@ -242,6 +268,11 @@ function render(c) {
     <td class="num">${b.inflight}</td><td class="num">${b.waiting}</td>
     <td class="num">${num(b.rate, 2)}</td><td class="err">${esc(b.error)}</td></tr>`,
     "no backends registered");
+  rows("#deployments", c.deployments, (d) => `<tr><td>${esc(d.name)}</td>
+    <td>${esc(d.model)}</td><td class="num">${d.desired} / ${d.placed} / ${d.ready}</td>
+    <td>${d.replicas.map(replica).join("") || "-"}</td>
+    <td class="wrap warn">${esc(pending(d))}</td></tr>`,
+    "no deployments (aivmmctl deploy)");
   rows("#failovers", c.failovers.slice(0, 15), (f) => `<tr>
     <td>${esc(new Date(f.at * 1000).toLocaleTimeString())}</td><td>${esc(f.model)}</td>
     <td>${esc(f.backend)}</td><td>${esc(f.reason)}</td></tr>`, "none recently");

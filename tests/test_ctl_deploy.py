@@ -172,8 +172,7 @@ async def test_scale_is_a_compare_and_swap_that_keeps_a_concurrent_change(
     assert d is not None and (d.replicas, d.image) == (5, "changed-meanwhile")
 
 
-@pytest.fixture
-async def placed(etcd_server: EtcdServer, prefix: str, writer: EtcdStore) -> str:
+async def write_placed(writer: EtcdStore, prefix: str) -> None:
     """Three deployments as the placer and agents would leave them, and a corrupt one.
 
     llama: 3 wanted, 2 placed (2 whole GPUs each), one ready, one starting, one pending
@@ -215,6 +214,11 @@ async def placed(etcd_server: EtcdServer, prefix: str, writer: EtcdStore) -> str
         + [(keys.assignment(a.node, a.name), dump(a)) for a in assignments]
         + [(keys.placement(p.deployment), dump(p)) for p in placements]
         + [(keys.backend(b.node, b.name), dump(b)) for b in backends])
+
+
+@pytest.fixture
+async def placed(etcd_server: EtcdServer, prefix: str, writer: EtcdStore) -> str:
+    await write_placed(writer, prefix)
     return etcd_server.url
 
 

@@ -13,7 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import orjson
 import pytest
+from aiohttp import web
 
 from common.keys import Keys
 from common.records import BackendRecord, GpuRecord, NodeRecord, dump
@@ -21,7 +23,11 @@ from common.store import EtcdStore
 from devtools.schedharness import Scheduler, publish
 from devtools.services import EtcdServer, free_port, until
 from devtools.simproc import SimProcess
+from scheduler import status as status_page
+from scheduler.routing import Router
 from scheduler.status import FailoverLog, RequestRates
+from tests.test_ctl import ctl
+from tests.test_ctl_deploy import write_placed
 
 GIB = 2**30
 
@@ -136,6 +142,7 @@ async def test_cluster_json_shows_nodes_gpus_backends_rates_and_failovers(
     assert body["failovers"][0]["reason"] == "connect"
     assert body["etcd"] == {"connected": True, "error": None}
     assert set(body["models"]) == {"llama-3.1-8b", "qwen2.5-7b"}
+    assert body["deployments"] == []  # none deployed in this cluster
 
     async def rates_known() -> Any:
         _, b = await get(cluster.sched.url + "/v1/cluster")
@@ -194,6 +201,7 @@ async def test_status_page_in_headless_chromium_shows_the_cluster(
     assert "gpu-node-a/vllm-1" in failovers and "connect" in failovers
     assert "<b>2</b><span>nodes</span>" in dom and "<b>3</b><span>GPUs</span>" in dom
     assert "<b>2/4</b><span>backends ready</span>" in dom
+    assert "no deployments (aivmmctl deploy)" in dom[dom.index('id="deployments"'):]
     shot = os.environ.get("AIVMM_STATUS_SCREENSHOT")
     if shot:  # how docs/status-page.png is made
         await browse(cluster.sched.url + "/", tmp_path, f"--screenshot={shot}",
@@ -211,3 +219,62 @@ async def test_status_page_without_etcd_says_so(etcd_own: EtcdServer, prefix: st
             dom = await browse(sched.url + "/", tmp_path, "--dump-dom")
     assert "etcd disconnected" in dom
     assert "n1/only" in dom  # still routing on its last view, and showing it
+
+
+async def test_cluster_json_deployments_are_what_aivmmctl_shows(
+        etcd_server: EtcdServer, prefix: str, writer: EtcdStore) -> None:
+    """The page's deployments come from the same code as ``aivmmctl deployments --json``."""
+    await write_placed(writer, prefix)
+    view = status_page.EtcdView(Keys(prefix))
+    await view.refresh(writer)
+    body = orjson.loads(orjson.dumps(status_page.cluster(Router(), view, None, FailoverLog(),
+                                             etcd_connected=True, now=time.monotonic())))
+    out = await ctl(etcd_server.url, prefix, "deployments", "--json")
+    assert out.returncode == 0, out.stderr
+    assert body["deployments"] == orjson.loads(out.stdout)["deployments"]
+    llama = body["deployments"][0]
+    assert (llama["name"], llama["desired"], llama["placed"], llama["ready"]) == (
+        "llama", 3, 2, 2)
+    assert llama["reasons"] == ["no node has 2 free nvidia GPUs (gpu-a: 0, gpu-b: 1)"]
+    assert "secret" not in out.stdout  # env values never leave etcd through the page
+
+
+async def test_status_page_in_headless_chromium_shows_deployments(
+        etcd_server: EtcdServer, prefix: str, writer: EtcdStore, tmp_path: Path) -> None:
+    """The page's Deployments table, fed by /v1/cluster over hand-written records (a page
+    server of the test's own: a scheduler's placer would re-place hand-written records)."""
+    await write_placed(writer, prefix)
+    view = status_page.EtcdView(Keys(prefix))
+
+    async def page(_: web.Request) -> web.Response:
+        return web.Response(text=status_page.PAGE, content_type="text/html")
+
+    async def data(_: web.Request) -> web.Response:
+        await view.refresh(writer)
+        return web.json_response(status_page.cluster(Router(), view, None, FailoverLog(),
+                                         etcd_connected=True, now=time.monotonic()),
+                                 dumps=lambda v: orjson.dumps(v).decode())
+
+    app = web.Application()
+    app.router.add_get("/", page)
+    app.router.add_get("/v1/cluster", data)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        dom = await browse(f"http://127.0.0.1:{port}/", tmp_path, "--dump-dom")
+        if shot := os.environ.get("AIVMM_DEPLOYMENTS_SCREENSHOT"):
+            await browse(f"http://127.0.0.1:{port}/", tmp_path, f"--screenshot={shot}",
+                         "--window-size=1280,900", "--hide-scrollbars")
+    finally:
+        await runner.cleanup()
+    table = dom[dom.index('id="deployments"'):dom.index('id="backends"')]
+    for text in ("llama", "llama-8b", "3 / 2 / 2", "mistral", "2 / 0 / 0", "qwen", "1 / 1 / 0",
+                 'gpu-a · GPU 0,1 <span class="pill ready">ready</span>',
+                 'gpu-b · GPU 2,3 <span class="pill starting">starting</span>',
+                 'gpu-c · GPU - <span class="pill removing">removing</span>',
+                 'arc-b · GPU 0 (20.0 GiB) <span class="pill assigned">assigned</span>',
+                 "1: no node has 2 free nvidia GPUs (gpu-a: 0, gpu-b: 1)",
+                 "2: waiting for the placer"):
+        assert text in table, text
