@@ -12,12 +12,17 @@ import os
 import signal
 import socket
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
 import pytest
 
+from agent.app import DOCKER, HEARTBEAT, INVENTORY, SUPERVISOR
+from agent.app import build_app as agent_app
+from agent.config import AgentConfig
+from common.contexts import STORE
 from common.daemon import EXIT_OK, serve
 from common.store import EtcdStore
 from devtools.agentproc import Fleet
@@ -44,6 +49,20 @@ async def etcd_revision(url: str) -> int:
         return (await store.get_prefix("/")).revision
 
 
+# Every call an agent makes to register or follow anything; the test itself only reads.
+AGENT_CALLS = ("Put", "Txn", "DeleteRange", "LeaseGrant", "LeaseRevoke", "LeaseKeepAlive",
+               "Watch")
+
+
+def etcd_agent_calls(url: str) -> float:
+    """How many such calls etcd has seen, from its own metrics."""
+    with urllib.request.urlopen(url + "/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    return sum(float(line.rpartition(" ")[2]) for line in text.splitlines()
+               if line.startswith("grpc_server_started_total{")
+               and any(f'grpc_method="{m}"' in line for m in AGENT_CALLS))
+
+
 @pytest.mark.docker
 async def test_agent_on_a_taken_port_exits_1_without_touching_etcd_or_docker(
         fleet: Fleet) -> None:
@@ -54,12 +73,15 @@ async def test_agent_on_a_taken_port_exits_1_without_touching_etcd_or_docker(
         config = fleet.config([{"name": "s1", "model": "m1", "engine": "sim",
                                 "port": free_port()}], listen=f"127.0.0.1:{port}")
         before = await etcd_revision(fleet.etcd_url)
+        calls = etcd_agent_calls(fleet.etcd_url)
         since = int(time.time()) - 1
         agent = fleet.agent(config)
         code = await fleet.in_thread(agent.wait, 30)
     assert code == 1, agent.output()
     assert "cannot listen" in agent.output()
     assert await etcd_revision(fleet.etcd_url) == before, await fleet.node_keys()
+    # Not even a lease granted or a watch opened (a write could have lost the race).
+    assert etcd_agent_calls(fleet.etcd_url) == calls
     assert await fleet.in_thread(fleet.containers) == []
     # Not even created and removed again in between.
     events = await fleet.in_thread(lambda: list(fleet.docker.events(
@@ -121,3 +143,18 @@ async def test_scheduler_readiness_fails_as_soon_as_stopping_begins(
             assert not in_flight.done()  # it was still being served when readiness went
             assert await asyncio.wait_for(in_flight, 15) == 200
             assert await asyncio.wait_for(served, 10) == EXIT_OK
+
+
+async def test_agent_app_on_a_taken_port_starts_none_of_its_contexts(
+        tmp_path: Path, etcd_own: EtcdServer) -> None:
+    # In-process, so it does not depend on who wins a race: not one context may have run.
+    (tmp_path / "sys").mkdir()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        listen = f"127.0.0.1:{taken.getsockname()[1]}"
+        config = AgentConfig(node_name="taken", etcd=[etcd_own.url], listen=listen,
+                             sysfs_root=str(tmp_path / "sys"), models_dir=str(tmp_path))
+        app = agent_app(config)
+        assert await asyncio.wait_for(serve(app, listen), 10) == 1
+    assert not any(key in app for key in (DOCKER, INVENTORY, SUPERVISOR, STORE, HEARTBEAT))
