@@ -114,10 +114,13 @@ def _node(text: str) -> str:
 
 
 def join_arg_values(argv: Sequence[str]) -> list[str]:
-    """``--arg X`` as ``--arg=X``, so an engine flag such as ``--arg --dtype`` is taken as
-    the value it is rather than as an aivmmctl option."""
-    out: list[str] = []
-    it = iter(argv)
+    """``--arg X`` as ``--arg=X`` after the deploy verb, so an engine flag such as
+    ``--arg --dtype`` is taken as the value it is rather than as an aivmmctl option."""
+    if "deploy" not in argv:
+        return list(argv)
+    at = list(argv).index("deploy") + 1
+    out: list[str] = list(argv[:at])
+    it = iter(argv[at:])
     for token in it:
         if token == "--":
             out.append(token)

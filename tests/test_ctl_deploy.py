@@ -41,6 +41,8 @@ def test_engine_arguments_that_look_like_flags_are_values() -> None:
         "deploy", "x", "--arg=--dtype", "--arg=half", "--arg=--max-model-len=4096",
         "--model", "m"]
     assert join_arg_values(["deploy", "--arg"]) == ["deploy", "--arg"]  # argparse says why
+    assert join_arg_values(["drain", "n", "--reason", "--arg", "x"]) == [
+        "drain", "n", "--reason", "--arg", "x"]
 
 
 async def read(store: EtcdStore, prefix: str, name: str) -> DeploymentRecord | None:
@@ -165,7 +167,8 @@ async def test_scale_is_a_compare_and_swap_that_keeps_a_concurrent_change(
         etcd_server: EtcdServer, prefix: str, writer: EtcdStore) -> None:
     keys = Keys(prefix)
     await writer.put(keys.deployment("llama"), dump(DeploymentRecord("llama", "llama-8b")))
-    async with Interleaved([etcd_server.url], writer) as store:
+    store = Interleaved([etcd_server.url], writer)
+    async with store:
         assert await scale_deployment(store, keys, "llama", 5) == (1, 5)
         assert store.reads == 2  # the first swap lost the race, the second re-read and won
     d = await read(writer, prefix, "llama")
