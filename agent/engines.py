@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from agent.config import BackendConfig
+from common.engines import ENGINE_VENDORS as ENGINE_VENDORS  # shared with the placer
 from common.records import Vendor
 
 # Argument builder: (model, bind host, port) -> the engine's own arguments.
@@ -92,15 +93,6 @@ PROFILES: dict[tuple[str, Vendor | None], Profile] = {
         health_path="/v2/health/ready", env={"HF_HUB_OFFLINE": "1"}, api_path="/v3"),
     # The sim image's own entrypoint runs the server (devtools/image.py builds it).
     ("sim", None): Profile("sim", None, "aivmm-sim:latest", _sim_args),
-}
-
-# Vendors each engine runs on, in the order "auto" placement tries them.
-ENGINE_VENDORS: dict[str, tuple[Vendor, ...]] = {
-    "vllm": ("nvidia", "amd"),
-    "ipex-llm": ("intel",),
-    "openvino": ("intel",),
-    "sim": (),
-    "custom": ("nvidia", "amd", "intel"),
 }
 
 

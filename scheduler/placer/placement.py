@@ -1,0 +1,400 @@
+"""Deployments to assignments: which node and GPUs each replica gets, as a pure function.
+
+Capacity is what assignments and pinned backends reserve, never the live memory reading: a
+decision must not wobble with load, and an engine that is still loading shows little use.
+Valid assignments are kept exactly as they are, because the placer runs on every change and
+every moved replica is a container restarted somewhere.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import json
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+from common.engines import ENGINE_VENDORS, engine_for
+from common.records import (
+    VENDORS,
+    AssignmentRecord,
+    DeploymentRecord,
+    GpuRecord,
+    NodeRecord,
+    PlacementStatus,
+    Vendor,
+    deployment_problem,
+)
+
+GIB = 1 << 30
+Mode = Literal["none", "whole", "memory"]
+# A node's rank for one deployment (lowest first); the node's name ends it, so ties are
+# broken by name and the heap never compares anything else.
+Score = tuple[int, int, str]
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    """The full desired set of assignments (sorted by key) and a status per deployment."""
+
+    assignments: list[AssignmentRecord]
+    status: dict[str, PlacementStatus]
+
+
+def generation(d: DeploymentRecord) -> str:
+    """A short stable digest of the deployment fields its containers are built from."""
+    fields = {"model": d.model, "engine": d.engine, "gpus": d.gpus,
+              "memory_bytes": d.memory_bytes, "image": d.image, "args": d.args, "env": d.env}
+    raw = json.dumps(fields, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(raw.encode()).hexdigest()[:12]
+
+
+def assignment_key(a: AssignmentRecord) -> str:
+    """The assignment's key below ``{prefix}/assignments/``: the order results are sorted in."""
+    return f"{a.node}/{a.name}"
+
+
+@dataclass(slots=True, eq=False)
+class _Gpu:
+    record: GpuRecord
+    pinned: bool
+    whole: bool = False  # taken whole by an assignment
+    mem_used: int = 0  # reserved by memory-mode assignments
+    # Memory-mode replicas per deployment, so spread can keep them on different GPUs.
+    replicas: dict[str, int] = field(default_factory=dict)
+
+    def wholly_free(self) -> bool:
+        return not self.pinned and not self.whole and self.mem_used == 0
+
+    def avail(self) -> int:
+        """Memory a memory-mode replica may still reserve (0: full or unknown)."""
+        total = self.record.memory_total_bytes
+        if total is None or self.pinned or self.whole:
+            return 0
+        return max(total - self.mem_used, 0)
+
+
+@dataclass(slots=True, eq=False)
+class _Node:
+    record: NodeRecord
+    gpus: dict[int, _Gpu]  # offered GPUs only: integrated ones are never placed on
+    replicas: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.record.node
+
+
+@dataclass(slots=True, eq=False)
+class _Want:
+    """A deployment, resolved against the fleet: what its replicas need and may use."""
+
+    d: DeploymentRecord
+    gen: str
+    mode: Mode
+    vendors: tuple[Vendor, ...]  # eligible GPU vendors (empty in mode "none")
+    nodes: list[_Node]  # eligible nodes, by name
+    names: frozenset[str]
+    # Why nothing of this deployment can be placed whatever the load; None: it can try.
+    blocked: str | None = None
+
+
+def place(deployments: Sequence[DeploymentRecord], nodes: Sequence[NodeRecord],
+          current: Sequence[AssignmentRecord], *, reserved: Mapping[str, Collection[str]],
+          drained: Collection[str] = frozenset(),
+          avoid: Mapping[str, Collection[str]] | None = None, now: float) -> Placement:
+    """The assignments the fleet should run, and what could not be placed and why.
+
+    ``nodes`` are the live nodes; ``current`` is what etcd holds now; ``reserved`` maps a
+    node to the uuids of GPUs its pinned backends hold; ``drained`` nodes and, per
+    deployment, ``avoid`` nodes (a replica failed to start there) are not placed on, and
+    their replicas move. Valid current assignments are kept unchanged; new ones get
+    ``assigned_at=now``. Deployments are placed in name order.
+    """
+    avoid = avoid or {}
+    fleet: dict[str, _Node] = {}
+    for record in sorted(nodes, key=lambda n: n.node):
+        if record.node in fleet:
+            continue
+        pinned = reserved.get(record.node, ())
+        fleet[record.node] = _Node(record, {
+            g.index: _Gpu(g, g.uuid in pinned) for g in record.gpus if not g.integrated})
+
+    wants: dict[str, _Want] = {}
+    status: dict[str, PlacementStatus] = {}
+    for d in sorted(deployments, key=lambda d: d.name):
+        if d.name in wants or d.name in status:
+            continue
+        problem = deployment_problem(d)
+        if problem:
+            status[d.name] = PlacementStatus(d.name, 0, max(d.replicas, 0), [problem],
+                                             updated_at=now)
+            continue
+        wants[d.name] = _resolve(d, fleet, len(nodes), drained, avoid.get(d.name, ()))
+
+    result: list[AssignmentRecord] = []
+    kept: dict[str, set[int]] = {name: set() for name in wants}
+    for a in sorted(current, key=lambda a: (a.deployment, a.replica, a.node)):
+        w = wants.get(a.deployment)
+        if (w is None or w.blocked or a.replica >= w.d.replicas or a.replica < 0
+                or a.replica in kept[a.deployment]):
+            continue
+        gpus = _still_valid(a, w, fleet.get(a.node))
+        if gpus is None:
+            continue
+        _take(fleet[a.node], gpus, w)
+        kept[a.deployment].add(a.replica)
+        result.append(a)
+
+    for name, w in wants.items():
+        placed, reason = _place_missing(w, kept[name], fleet, now, result)
+        total = len(kept[name]) + placed
+        status[name] = PlacementStatus(name, total, w.d.replicas - total,
+                                       [reason] if reason else [], updated_at=now)
+
+    result.sort(key=assignment_key)
+    return Placement(result, dict(sorted(status.items())))
+
+
+def _resolve(d: DeploymentRecord, fleet: Mapping[str, _Node], alive: int,
+             drained: Collection[str], avoided: Collection[str]) -> _Want:
+    """What ``d`` may use: its GPU vendors and nodes, or the reason it can use nothing."""
+    gen = generation(d)
+    mode: Mode = "memory" if d.memory_bytes is not None else "whole" if d.gpus else "none"
+
+    def blocked(reason: str) -> _Want:
+        return _Want(d, gen, mode, (), [], frozenset(), reason)
+
+    if d.engine == "custom" and not d.image:
+        return blocked("engine 'custom' needs an image")
+    runs = _engine_vendors(d.engine)
+    if runs is None:
+        return blocked(f"unknown engine '{d.engine}'")
+    vendors: tuple[Vendor, ...] = ()
+    if mode == "none":
+        if engine_for(d.engine, None) is None:
+            return blocked(f"engine '{d.engine}' needs a GPU; the deployment asks for none "
+                           "(gpus 0)")
+    else:
+        vendors = tuple(v for v in runs if not d.vendors or v in d.vendors)
+        if not vendors:
+            return blocked(f"engine '{d.engine}' runs on {_either(runs)}; the deployment "
+                           f"allows only {_either(d.vendors)}")
+
+    matching = [n for n in fleet.values()
+                if (not d.nodes or n.name in d.nodes)
+                and all(n.record.labels.get(k) == v for k, v in d.labels.items())]
+    if not matching:
+        if not fleet:
+            return blocked("no node alive")
+        wanted = []
+        if d.nodes:
+            wanted.append("nodes " + ", ".join(sorted(d.nodes)))
+        if d.labels:
+            wanted.append("labels " + ", ".join(f"{k}={v}" for k, v in sorted(d.labels.items())))
+        return blocked(f"no node matches: {' and '.join(wanted)} ({alive} nodes alive)")
+    eligible = [n for n in matching if n.name not in drained and n.name not in avoided]
+    if not eligible:
+        n_drained = sum(n.name in drained for n in matching)
+        n_avoided = len(matching) - n_drained
+        parts = [f"{n_drained} drained"] if n_drained else []
+        if n_avoided:
+            parts.append(f"{n_avoided} avoided after a failed start")
+        return blocked(f"no eligible node: {len(matching)} matching, {', '.join(parts)}")
+
+    w = _Want(d, gen, mode, vendors, eligible, frozenset(n.name for n in eligible))
+    if mode != "none" and not any(g.record.vendor in vendors
+                                  for n in eligible for g in n.gpus.values()):
+        w.blocked = f"engine '{d.engine}' runs on {_either(runs)}; no eligible " \
+                    f"{_either(vendors)} GPU"
+    return w
+
+
+def _engine_vendors(engine: str) -> tuple[Vendor, ...] | None:
+    """The vendors ``engine`` runs on for deployments, or None for an unknown engine."""
+    if engine == "auto" or engine == "sim":
+        return tuple(v for v in VENDORS if engine_for(engine, v))
+    return ENGINE_VENDORS.get(engine)
+
+
+def _still_valid(a: AssignmentRecord, w: _Want, node: _Node | None) -> list[_Gpu] | None:
+    """The GPUs ``a`` holds if it may be kept as it is; None if it must be placed again."""
+    d = w.d
+    if node is None or node.name not in w.names or a.generation != w.gen:
+        return None
+    if len(a.gpu_uuids) != len(a.gpus) or len(set(a.gpus)) != len(a.gpus):
+        return None
+    if w.mode == "none":
+        ok = (not a.gpus and a.vendor is None and a.memory_bytes is None
+              and a.engine == engine_for(d.engine, None))
+        return [] if ok else None
+    if a.vendor not in w.vendors or a.engine != engine_for(d.engine, a.vendor):
+        return None
+    if len(a.gpus) != (1 if w.mode == "memory" else d.gpus):
+        return None
+    gpus = []
+    for index, uuid in zip(a.gpus, a.gpu_uuids, strict=True):
+        gpu = node.gpus.get(index)
+        if gpu is None or gpu.record.uuid != uuid or gpu.record.vendor != a.vendor:
+            return None
+        gpus.append(gpu)
+    if w.mode == "memory":
+        mem = d.memory_bytes
+        assert mem is not None
+        return gpus if a.memory_bytes == mem and gpus[0].avail() >= mem else None
+    return gpus if a.memory_bytes is None and all(g.wholly_free() for g in gpus) else None
+
+
+def _take(node: _Node, gpus: list[_Gpu], w: _Want) -> None:
+    """Reserve ``gpus`` on ``node`` for a replica of ``w``."""
+    name = w.d.name
+    node.replicas[name] = node.replicas.get(name, 0) + 1
+    for gpu in gpus:
+        if w.mode == "memory":
+            assert w.d.memory_bytes is not None
+            gpu.mem_used += w.d.memory_bytes
+            gpu.replicas[name] = gpu.replicas.get(name, 0) + 1
+        else:
+            gpu.whole = True
+
+
+def _place_missing(w: _Want, kept: set[int], fleet: Mapping[str, _Node], now: float,
+                   out: list[AssignmentRecord]) -> tuple[int, str | None]:
+    """Place the replicas of ``w`` not kept; returns how many were placed and why not all."""
+    missing = [r for r in range(w.d.replicas) if r not in kept]
+    if not missing:
+        return 0, None
+    if w.blocked:
+        return 0, w.blocked
+    score = _scorer(w)
+    # Only this deployment's placements change the fleet while it is placed, and each one
+    # changes only its node: a heap of node scores stays exact with one push per replica.
+    heap = [s for n in w.nodes if (s := score(n)) is not None]
+    heapq.heapify(heap)
+    for placed, replica in enumerate(missing):
+        if not heap:
+            return placed, _shortfall(w)
+        node = fleet[heapq.heappop(heap)[-1]]
+        gpus = _choose(w, node)
+        _take(node, gpus, w)
+        out.append(_assignment(w, replica, node, gpus, now))
+        again = score(node)
+        if again is not None:
+            heapq.heappush(heap, again)
+    return len(missing), None
+
+
+def _scorer(w: _Want) -> Callable[[_Node], Score | None]:
+    """How nodes rank for ``w`` (lowest first); None for a node where a replica won't fit."""
+    name, spread = w.d.name, w.d.placement == "spread"
+    vendors = w.vendors
+
+    def no_gpu(node: _Node) -> Score:
+        count = node.replicas.get(name, 0)
+        return (count, 0, node.name) if spread else (-count, 0, node.name)
+
+    def whole(node: _Node) -> Score | None:
+        free = dict.fromkeys(vendors, 0)
+        for gpu in node.gpus.values():
+            if gpu.record.vendor in free and gpu.wholly_free():
+                free[gpu.record.vendor] += 1
+        if max(free.values()) < w.d.gpus:
+            return None
+        total = sum(free.values())
+        if spread:
+            return (node.replicas.get(name, 0), -total, node.name)
+        return (total, 0, node.name)
+
+    def memory(node: _Node) -> Score | None:
+        mem = w.d.memory_bytes
+        assert mem is not None
+        avail = [g.avail() for g in node.gpus.values() if g.record.vendor in vendors]
+        fits = [a for a in avail if a >= mem]
+        if not fits:
+            return None
+        if spread:
+            return (node.replicas.get(name, 0), -sum(avail), node.name)
+        return (min(fits), 0, node.name)  # best fit: the fullest GPU that still fits
+
+    return {"none": no_gpu, "whole": whole, "memory": memory}[w.mode]
+
+
+def _choose(w: _Want, node: _Node) -> list[_Gpu]:
+    """The GPUs of ``node`` a replica of ``w`` takes (the node's score said it fits)."""
+    if w.mode == "none":
+        return []
+    eligible = sorted((g for g in node.gpus.values() if g.record.vendor in w.vendors),
+                      key=lambda g: g.record.index)
+    if w.mode == "whole":
+        options = []
+        for vendor in w.vendors:
+            free = [g for g in eligible if g.record.vendor == vendor and g.wholly_free()]
+            if len(free) >= w.d.gpus:
+                options.append(free[:w.d.gpus])
+        return min(options, key=lambda gs: [g.record.index for g in gs])
+    mem = w.d.memory_bytes
+    assert mem is not None
+    fits = [g for g in eligible if g.avail() >= mem]
+    if w.d.placement == "spread":
+        return [min(fits, key=lambda g: (g.replicas.get(w.d.name, 0), -g.avail(),
+                                         g.record.index))]
+    return [min(fits, key=lambda g: (g.avail(), g.record.index))]
+
+
+def _assignment(w: _Want, replica: int, node: _Node, gpus: list[_Gpu],
+                now: float) -> AssignmentRecord:
+    d = w.d
+    vendor = gpus[0].record.vendor if gpus else None
+    engine = engine_for(d.engine, vendor)
+    assert engine is not None  # the eligible vendors were chosen so that it is
+    return AssignmentRecord(
+        deployment=d.name, replica=replica, node=node.name, model=d.model, engine=engine,
+        vendor=vendor, gpus=[g.record.index for g in gpus],
+        gpu_uuids=[g.record.uuid for g in gpus], memory_bytes=d.memory_bytes,
+        image=d.image, args=list(d.args), env=dict(d.env), generation=w.gen,
+        assigned_at=now)
+
+
+def _shortfall(w: _Want) -> str:
+    """One line naming what a replica of ``w`` lacks, measured on the eligible nodes."""
+    d = w.d
+    # Naming all three vendors says nothing ("auto" on any GPU): then name none.
+    vendors = "" if set(w.vendors) == set(VENDORS) else _either(w.vendors) + " "
+    if w.mode == "whole":
+        most, where = 0, ""
+        for node in w.nodes:
+            for vendor in w.vendors:
+                n = sum(g.record.vendor == vendor and g.wholly_free() for g in node.gpus.values())
+                if n > most:
+                    most, where = n, node.name
+        plural = "s" if d.gpus > 1 else ""
+        need = f"needs {d.gpus} whole {vendors}GPU{plural} on one node"
+        if not most:
+            return f"{need}; none free on {_nodes(len(w.nodes))}"
+        return f"{need}; most free: {most} on {where}"
+    mem = d.memory_bytes
+    assert mem is not None
+    need = f"needs {_gib(mem)} on one {vendors}GPU"
+    sized = [(n, g) for n in w.nodes for g in n.gpus.values()
+             if g.record.vendor in w.vendors and g.record.memory_total_bytes is not None]
+    if not sized:
+        return f"{need}; no eligible {vendors}GPU reports its memory size"
+    node, gpu = min(sized, key=lambda ng: (-ng[1].avail(), ng[0].name, ng[1].record.index))
+    return f"{need}; largest free: {_gib(gpu.avail())} on {node.name}/gpu{gpu.record.index}"
+
+
+def _nodes(n: int) -> str:
+    return f"{n} eligible node" if n == 1 else f"{n} eligible nodes"
+
+
+def _gib(n: int) -> str:
+    return f"{n / GIB:.1f} GiB"
+
+
+def _either(names: Sequence[str]) -> str:
+    """"nvidia", "nvidia or amd", "nvidia, amd or intel"."""
+    names = list(names)
+    if len(names) <= 1:
+        return "".join(names)
+    return ", ".join(names[:-1]) + " or " + names[-1]
