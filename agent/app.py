@@ -1,11 +1,13 @@
 """The agent's aiohttp application: state in AppKeys, loops in cleanup contexts.
 
 :func:`common.daemon.serve` binds the socket before any of this starts (an agent whose port
-is taken touches neither etcd nor Docker). Then docker, inventory, supervisor, store,
-heartbeat, sd-notify; tear-down runs the other way, so on SIGTERM the lease is revoked first
-(the records vanish at once) and the containers are left running: the engines keep serving
-while the agent is away. The contexts are module-level functions reading AppKeys, as in the
-scheduler; the store and sd-notify ones are shared (:mod:`common.contexts`).
+is taken touches neither etcd nor Docker). Then docker, inventory, store, supervisor,
+heartbeat (with the drain and assignment watches), reload, sd-notify; tear-down runs the other
+way. A restart is not an outage: on SIGTERM the containers are left running and the lease is
+left to the next process, which recovers the records (:meth:`Supervisor.recover`) and re-puts
+them under its own lease; only ``--drain``, a drain request or the lease's expiry take the
+node's backends out of routing. The contexts are module-level functions reading AppKeys, as
+in the scheduler; the store and sd-notify ones are shared (:mod:`common.contexts`).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import signal
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -22,6 +25,7 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
+from agent.assignments import follow_assignments
 from agent.config import AgentConfig
 from agent.docker.client import DockerAdapter
 from agent.drain import follow_drain
@@ -32,7 +36,8 @@ from common import metrics as common_metrics
 from common.contexts import STORE, DaemonSpec, init_daemon, notify_ctx, store_ctx
 from common.daemon import STOPPING, split_listen
 from common.keys import Keys
-from common.records import GpuRecord, NodeRecord, to_dict
+from common.records import GpuRecord, NodeRecord, RecordError, parse_backend, to_dict
+from common.store import StoreError
 from common.tasks import GUARD
 
 if TYPE_CHECKING:
@@ -50,6 +55,14 @@ class GpuView:
     on_change: Callable[[], None] | None = None
 
 
+@dataclass(slots=True)
+class LiveSettings:
+    """The parts of agent.toml that ``systemctl reload`` (SIGHUP) applies without a restart."""
+
+    labels: dict[str, str] = field(default_factory=dict)
+    reloads: int = 0
+
+
 CONFIG: web.AppKey[AgentConfig] = web.AppKey("agent_config", AgentConfig)
 METRICS: web.AppKey[AgentMetrics] = web.AppKey("agent_metrics", AgentMetrics)
 DOCKER: web.AppKey[DockerAdapter] = web.AppKey("docker", DockerAdapter)
@@ -58,6 +71,11 @@ GPUS: web.AppKey[GpuView] = web.AppKey("gpus", GpuView)
 SUPERVISOR: web.AppKey[Supervisor] = web.AppKey("supervisor", Supervisor)
 HEARTBEAT: web.AppKey[Heartbeat] = web.AppKey("heartbeat", Heartbeat)
 STARTED_AT: web.AppKey[float] = web.AppKey("started_at", float)
+LIVE: web.AppKey[LiveSettings] = web.AppKey("live", LiveSettings)
+# Re-reads the config as the process was started (same file, environment and flags).
+RELOAD: web.AppKey[Callable[[], AgentConfig]] = web.AppKey("reload")
+# How long start-up waits for the previous process's records before going on without them.
+RECOVER_TIMEOUT_S = 3.0
 
 
 def agent_version() -> str:
@@ -74,16 +92,21 @@ def agent_url(config: AgentConfig) -> str:
     return f"http://{f'[{host}]' if ':' in host else host}:{port}"
 
 
-def build_app(config: AgentConfig, *, inventory: Inventory | None = None) -> web.Application:
+def build_app(config: AgentConfig, *, inventory: Inventory | None = None,
+              reload: Callable[[], AgentConfig] | None = None) -> web.Application:
     """The agent; ``inventory`` replaces the one built from config (and is not closed).
 
     Likewise a ``DOCKER``, ``STORE`` or ``NOTIFIER`` set before start-up is used as it is.
+    ``reload`` re-reads the config on SIGHUP (agent.main passes the one it loaded with).
     """
     app = web.Application()
     init_daemon(app, DaemonSpec(etcd=list(config.etcd), status=status_line))
     app[CONFIG] = config
     app[STARTED_AT] = time.time()
     app[GPUS] = GpuView()
+    app[LIVE] = LiveSettings(labels=dict(config.labels))
+    if reload is not None:
+        app[RELOAD] = reload
     if inventory is not None:
         app[INVENTORY] = inventory
     registry = CollectorRegistry()
@@ -91,8 +114,8 @@ def build_app(config: AgentConfig, *, inventory: Inventory | None = None) -> web
     common_metrics.install(app, registry)
     app.router.add_get("/healthz", handle_healthz)
     app.router.add_get("/v1/state", handle_state)
-    app.cleanup_ctx.extend([docker_ctx, inventory_ctx, supervisor_ctx, store_ctx, heartbeat_ctx,
-                            notify_ctx])
+    app.cleanup_ctx.extend([docker_ctx, inventory_ctx, store_ctx, supervisor_ctx, heartbeat_ctx,
+                            reload_ctx, notify_ctx])
     return app
 
 
@@ -129,6 +152,7 @@ async def supervisor_ctx(app: web.Application) -> AsyncIterator[None]:
                      gpus=lambda: (view.gpus, view.offerable))
     app[SUPERVISOR] = sup
     view.on_change = sup.wake
+    await recover(app, sup)
     guard = app[GUARD]
     guard.spawn("supervisor", sup.run())
     guard.spawn("docker-events", sup.watch_events())
@@ -137,8 +161,33 @@ async def supervisor_ctx(app: web.Application) -> AsyncIterator[None]:
     await guard.cancel("supervisor", "docker-events", "probes")
 
 
+async def recover(app: web.Application, sup: Supervisor) -> None:
+    """Hand the supervisor the records this node's previous process left in etcd."""
+    config = app[CONFIG]
+    prefix = Keys(config.etcd_prefix).node_backends(config.node_name)
+    try:
+        snapshot = await asyncio.wait_for(app[STORE].get_prefix(prefix), RECOVER_TIMEOUT_S)
+    except (StoreError, TimeoutError) as err:
+        log.warning("could not read this node's previous records; starting afresh: %s", err)
+        return
+    previous = []
+    for kv in snapshot.items:
+        try:
+            previous.append(parse_backend(kv.value))
+        except RecordError as err:
+            log.warning("skipping an unusable previous record",
+                        extra={"key": kv.key, "error": str(err)})
+    sup.recover(previous)
+    if previous:
+        log.info("recovered the previous process's records", extra={"backends": len(previous)})
+
+
 async def heartbeat_ctx(app: web.Application) -> AsyncIterator[None]:
-    """Publish the node and its backends under a lease; revoke it on the way out."""
+    """Publish the node and its backends under a lease; follow drain and assignments.
+
+    On the way out the lease is not revoked: the containers keep serving, so their records
+    stay true until the next process takes them over, or the lease expires.
+    """
     config = app[CONFIG]
     store = app[STORE]
     keys = Keys(config.etcd_prefix)
@@ -151,9 +200,55 @@ async def heartbeat_ctx(app: web.Application) -> AsyncIterator[None]:
     sup.on_change = beat.poke
     app[GUARD].spawn("heartbeat", beat.run())
     app[GUARD].spawn("drain-watch", follow_drain(store, keys, config.node_name, sup.set_drained))
+    app[GUARD].spawn("assignment-watch", follow_assignments(
+        store, keys, config.node_name, sup.set_assignments,
+        on_bad_record=lambda key, why: bad_assignment(app, key, why)))
     yield
-    await app[GUARD].cancel("drain-watch", "heartbeat")
-    await beat.revoke()
+    await app[GUARD].cancel("assignment-watch", "drain-watch", "heartbeat")
+
+
+def bad_assignment(app: web.Application, key: str, why: str) -> None:
+    log.warning("skipping an unusable assignment", extra={"key": key, "error": why})
+    app[METRICS].bad_records.labels(app[CONFIG].node_name).inc()
+
+
+def reload_config(app: web.Application) -> bool:
+    """Apply agent.toml again (SIGHUP): pinned backends and labels live; False on an error.
+
+    A config that does not load is logged and ignored: the agent goes on with the one it
+    has, as ``systemctl reload`` of a mistyped file must not take a node down.
+    """
+    if RELOAD not in app:
+        log.warning("reload asked, but this agent was not started from a config file")
+        return False
+    try:
+        new = app[RELOAD]()
+    except Exception as err:  # ConfigError, or a file vanished: keep the running config
+        log.error("reload: config not applied: %s", err)
+        return False
+    old = app[CONFIG]
+    restart_only = [f for f in ("node_name", "listen", "etcd", "etcd_prefix", "advertise_host",
+                                "models_dir", "assignment_ports", "lease_ttl")
+                    if getattr(new, f) != getattr(old, f)]
+    if restart_only:
+        log.warning("reload: these keys change only at a restart: %s", ", ".join(restart_only))
+    live = app[LIVE]
+    live.reloads += 1
+    if new.labels != live.labels:
+        live.labels = dict(new.labels)
+        if HEARTBEAT in app:
+            app[HEARTBEAT].node_changed()
+    app[SUPERVISOR].set_pinned(new.backend)
+    log.info("reloaded the config", extra={"backends": len(new.backend)})
+    return True
+
+
+async def reload_ctx(app: web.Application) -> AsyncIterator[None]:
+    """SIGHUP (``systemctl reload aivmm-agent``) re-reads agent.toml."""
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGHUP, reload_config, app)
+    yield
+    loop.remove_signal_handler(signal.SIGHUP)
 
 
 async def rescan(app: web.Application) -> None:
@@ -206,7 +301,8 @@ def node_record(app: web.Application) -> NodeRecord:
     config = app[CONFIG]
     return NodeRecord(node=config.node_name, agent_version=agent_version(),
                       started_at=app[STARTED_AT], heartbeat_at=time.time(),
-                      gpus=list(app[GPUS].gpus), agent_url=agent_url(config))
+                      gpus=list(app[GPUS].gpus), agent_url=agent_url(config),
+                      labels=dict(app[LIVE].labels))
 
 
 def status_line(app: web.Application) -> str:

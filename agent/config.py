@@ -1,4 +1,4 @@
-"""The agent's configuration (DESIGN.md: Configuration), loaded by common.config."""
+"""The agent's configuration (docs/contracts.md: Config keys), loaded by common.config."""
 
 from __future__ import annotations
 
@@ -20,6 +20,21 @@ def _name(value: str) -> str | None:
 
 def _memory(value: str) -> str | None:
     return None if _MEMORY.match(value) else "a size such as 16g, 512m or 1073741824"
+
+
+def _port_range(value: str) -> str | None:
+    low, sep, high = value.partition("-")
+    if not sep or not low.isdigit() or not high.isdigit() or \
+            not 0 < int(low) <= int(high) < 65536:
+        return "a port range LOW-HIGH such as 20000-20999"
+    return None
+
+
+def _labels(value: dict[str, str]) -> str | None:
+    for k, v in value.items():
+        if not _NAME.match(k) or not v or "=" in v or "," in v:
+            return "labels of letters, digits, '.', '_' or '-' with plain values (no '=' or ',')"
+    return None
 
 
 def _gpus(value: list[int] | str) -> str | None:
@@ -71,6 +86,10 @@ class AgentConfig(DaemonConfig):
     # it needs the host's PID namespace, so it is opt-in (set "/proc") rather than a guess.
     proc_root: str | None = setting(None)
     offer_integrated: bool = setting(False)
+    # Published in the node record; deployments may require some (aivmmctl deploy --label).
+    labels: dict[str, str] = setting({}, check=_labels)
+    # Ports the agent gives to deployment replicas (pinned backends keep their own ports).
+    assignment_ports: str = setting("20000-20999", check=_port_range)
     backend: list[BackendConfig] = setting([])
 
     def __post_init__(self) -> None:
@@ -82,5 +101,13 @@ class AgentConfig(DaemonConfig):
         ports = [b.port for b in self.backend]
         if len(set(ports)) != len(ports):
             raise ValueError("backend: a distinct port per backend")
+        low, high = self.port_range
+        if any(low <= p <= high for p in ports):
+            raise ValueError(f"backend: ports outside assignment_ports ({low}-{high})")
         if not self.node_name:
             object.__setattr__(self, "node_name", socket.gethostname().split(".")[0])
+
+    @property
+    def port_range(self) -> tuple[int, int]:
+        low, _, high = self.assignment_ports.partition("-")
+        return int(low), int(high)

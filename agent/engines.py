@@ -127,3 +127,16 @@ def resolve(backend: BackendConfig, vendor: Vendor | None, bind_host: str) -> La
     return Launch(image, profile.entrypoint, command, {**profile.env, **backend.env},
                   backend.health_path or profile.health_path,
                   backend.api_path or profile.api_path)
+
+
+def share_args(engine: str, fraction: float) -> list[str]:
+    """Arguments that keep an engine within ``fraction`` of a GPU it shares with others.
+
+    vLLM takes 90 % of a GPU's memory by default, whatever else runs there; told a fraction,
+    it stays within it. The other engines size their memory by the model and take no such
+    flag: the reservation is then the operator's estimate (docs/deployments.md).
+    """
+    if engine in ("vllm", "ipex-llm"):
+        # Rounded down: two replicas at 0.5 each must not sum to more than the GPU.
+        return ["--gpu-memory-utilization", f"{int(fraction * 100) / 100:.2f}"]
+    return []

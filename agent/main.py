@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
+from collections.abc import Callable
 
 from agent.app import build_app
 from agent.config import AgentConfig
 from agent.docker.client import DockerAdapter, DockerFailed, DockerUnavailable
 from common import logs
-from common.cli import daemon_parser, load_or_exit
+from common.cli import daemon_parser, load_config, load_or_exit
 from common.daemon import serve
 from common.keys import Keys
 from common.store import EtcdStore, StoreError
@@ -43,9 +44,9 @@ async def drain(config: AgentConfig) -> int:
     return 0
 
 
-async def run(config: AgentConfig) -> int:
+async def run(config: AgentConfig, reload: Callable[[], AgentConfig] | None = None) -> int:
     """Serve the agent until SIGTERM (0) or a failure (1: also when ``listen`` is taken)."""
-    return await serve(build_app(config), config.listen)
+    return await serve(build_app(config, reload=reload), config.listen)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -57,7 +58,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     config = load_or_exit(AgentConfig, args, prog="aivmm-agent")
     logs.setup(config.log_level, config.log_format)
-    code = asyncio.run(drain(config) if args.drain else run(config))
+
+    def reload() -> AgentConfig:
+        # The same file, environment and flags as at start; raises ConfigError, no exit.
+        return load_config(AgentConfig, args)
+
+    code = asyncio.run(drain(config) if args.drain else run(config, reload))
     raise SystemExit(code)
 
 

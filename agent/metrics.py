@@ -1,4 +1,4 @@
-"""The agent's Prometheus metrics, on the app's own registry (DESIGN.md: metric names)."""
+"""The agent's Prometheus metrics, on the app's own registry (docs/contracts.md: Metrics)."""
 
 from __future__ import annotations
 
@@ -44,6 +44,9 @@ class AgentMetrics:
                                   "Heartbeats written to etcd", ("node",), registry=registry)
         self.etcd_errors = Counter("aivmm_agent_etcd_errors_total",
                                    "Failed etcd operations", ("node",), registry=registry)
+        self.bad_records = Counter("aivmm_agent_bad_records_total",
+                                   "etcd records (assignments) skipped as unusable", ("node",),
+                                   registry=registry)
         self._gpu_labels: set[tuple[str, str, str]] = set()
         self._backend_labels: set[tuple[str, str, str]] = set()
 
@@ -81,3 +84,15 @@ class AgentMetrics:
 
     def restarted(self, name: str, model: str) -> None:
         self.backend_restarts.labels(self.node, name, model).inc()
+
+    def forget(self, name: str) -> None:
+        """Drop a removed backend's series (an undeployed replica must not linger at 0)."""
+        for labels in [lb for lb in self._backend_labels if lb[1] == name]:
+            self._backend_labels.discard(labels)
+            for metric in (self.backend_up, self.backend_error, self.backend_restarts,
+                           self.probe_latency):
+                with contextlib.suppress(KeyError):
+                    metric.remove(*labels)
+            for state in STATES:
+                with contextlib.suppress(KeyError):
+                    self.backend_state.remove(*labels, state)

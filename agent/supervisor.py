@@ -1,9 +1,11 @@
-"""Keeping the backends of the config running as containers.
+"""Keeping this node's backends running as containers: pinned ones and assigned ones.
 
-:func:`plan` is the pure reconciliation: desired specs against observed containers gives
-adopt / create / recreate / remove / start actions. :class:`Supervisor` is the shell that
-lists containers, runs the plan with restart backoff, reacts to Docker events at once, probes
-the backends and keeps one :class:`BackendRecord` per backend for the heartbeat.
+A backend is either pinned in agent.toml's ``[[backend]]`` (re-read live on SIGHUP) or a
+replica of a deployment that the placer assigned to this node. :func:`plan` is the pure
+reconciliation: desired specs against observed containers gives adopt / create / recreate /
+remove / start actions. :class:`Supervisor` is the shell that lists containers, runs the plan
+with restart backoff, reacts to Docker events at once, probes the backends and keeps one
+:class:`BackendRecord` per backend for the heartbeat.
 """
 
 from __future__ import annotations
@@ -28,12 +30,12 @@ from agent.docker.client import (
 )
 from agent.docker.observed import ObservedContainer, exit_reason
 from agent.docker.spec import ContainerSpec, backend_url, build_spec
-from agent.engines import EngineError
+from agent.engines import EngineError, share_args
 from agent.health.probe import Ewma, Prober, ProbeResult
 from agent.metrics import AgentMetrics
-from agent.placement import PlacementError, place
+from agent.placement import Placement, PlacementError, place
 from common.backoff import Backoff
-from common.records import BackendRecord, GpuRecord, State
+from common.records import AssignmentRecord, BackendLoad, BackendRecord, GpuRecord, State
 
 log = logging.getLogger(__name__)
 
@@ -130,8 +132,10 @@ class BackendStatus:
     seen_exit: tuple[str, str] | None = None  # (id, finished_at) of the last counted crash
     probe_fails: int = 0
     latency: Ewma = field(default_factory=Ewma)
-    load: object = None
+    load: BackendLoad | None = None
     updated_at: float = field(default_factory=time.time)
+    # Set for a deployment's replica: what the placer assigned (None: pinned in agent.toml).
+    assignment: AssignmentRecord | None = None
 
 
 GpuSource = Callable[[], tuple[list[GpuRecord], list[GpuRecord]]]
@@ -152,6 +156,14 @@ class Supervisor:
         self._clock = clock
         self._wake = asyncio.Event()
         self._prober = Prober(timeout=max(1.0, min(5.0, config.probe_interval)))
+        self._pinned: list[BackendConfig] = list(config.backend)
+        self._assigned: dict[str, AssignmentRecord] = {}
+        # Until the first assignment table arrives, a deployment's container found on this
+        # node is left alone: an agent restarted while etcd is away must not remove it.
+        self.assignments_known = asyncio.Event()
+        self._ports: dict[str, int] = {}  # port given to each assigned replica
+        # Records this node's previous agent process left in etcd (see recover()).
+        self._trusted: dict[str, BackendRecord] = {}
         self.status: dict[str, BackendStatus] = {
             b.name: BackendStatus(b, RestartBackoff(clock)) for b in config.backend}
         self.activity = "starting"
@@ -170,16 +182,22 @@ class Supervisor:
 
     def _record(self, s: BackendStatus) -> BackendRecord:
         spec = s.spec
+        a = s.assignment
+        vendor = spec.vendor if spec else None
+        gpus = list(spec.gpu_uuids) if spec else []
+        if a is not None:  # a sim replica holds its GPUs on paper only: say which
+            vendor, gpus = a.vendor, list(a.gpu_uuids)
         return BackendRecord(
             node=self.node, name=s.config.name, models=[s.config.model],
             url=spec.url if spec else backend_url(self.config.advertise_host, s.config.port),
-            state=s.state, engine=s.config.engine, vendor=spec.vendor if spec else None,
-            gpus=list(spec.gpu_uuids) if spec else [], container_id=s.container_id,
+            state=s.state, engine=s.config.engine, vendor=vendor,
+            gpus=gpus, container_id=s.container_id,
             probe_latency_ms=None if s.latency.value is None else round(
                 s.latency.value * 1000, 3),
-            load=s.load,  # type: ignore[arg-type]
+            load=s.load,
             updated_at=s.updated_at, error=s.error, restarts=s.restarts,
-            api_path=spec.api_path if spec else "/v1")
+            api_path=spec.api_path if spec else "/v1",
+            deployment=a.deployment if a is not None else None)
 
     def _set(self, s: BackendStatus, state: State, error: str | None) -> None:
         if (s.state, s.error) == (state, error):
@@ -216,17 +234,143 @@ class Supervisor:
             s.not_before = 0.0  # an undrained backend starts now, not after an old backoff
         self.wake()
 
+    def recover(self, previous: Sequence[BackendRecord]) -> None:
+        """Take over from this node's previous agent process, through its records in etcd.
+
+        A restarted agent adopts the containers it finds; a backend the old process
+        reported ready, in the same container, stays ready rather than going back to
+        "starting" until its first probe: a restart must not take the node's backends out
+        of routing. The probes correct it within a probe interval if it is not so. The
+        ports given to assigned replicas are learnt back too.
+        """
+        for record in previous:
+            if record.node != self.node:
+                continue
+            self._trusted[record.name] = record
+            port = _url_port(record.url)
+            if record.deployment is not None and port is not None:
+                self._ports.setdefault(record.name, port)
+        for s in self.status.values():
+            self._trust(s)
+
+    def _trust(self, s: BackendStatus) -> None:
+        old = self._trusted.pop(s.config.name, None)
+        if old is None:
+            return
+        s.restarts = old.restarts
+        if old.state == "ready" and old.container_id:
+            s.state, s.container_id, s.load = "ready", old.container_id, old.load
+            if old.probe_latency_ms is not None:
+                s.latency.add(old.probe_latency_ms / 1000)
+            s.backoff.healthy()
+
+    def set_pinned(self, backends: Sequence[BackendConfig]) -> None:
+        """agent.toml's backends changed (``systemctl reload``): apply them live."""
+        self._pinned = list(backends)
+        self._sync_status()
+
+    def set_assignments(self, table: dict[str, AssignmentRecord]) -> None:
+        """This node's assignments, whole, as the placer wrote them."""
+        self._assigned = dict(table)
+        self.assignments_known.set()
+        self._sync_status()
+
+    def _sync_status(self) -> None:
+        """One status per pinned backend and per assignment; gone ones are dropped."""
+        wanted: dict[str, tuple[BackendConfig, AssignmentRecord | None]] = {
+            b.name: (b, None) for b in self._pinned}
+        for name, a in sorted(self._assigned.items()):
+            if name in wanted:
+                log.warning("assignment has the name of a pinned backend; not run",
+                            extra={"backend": name})
+                continue
+            wanted[name] = (self._assignment_config(a, self._ports.get(name, 0)), a)
+        for name in [n for n in self.status if n not in wanted]:
+            del self.status[name]
+            self._ports.pop(name, None)
+            self.metrics.forget(name)
+        for name, (config, a) in wanted.items():
+            s = self.status.get(name)
+            if s is None:
+                s = self.status[name] = BackendStatus(config, RestartBackoff(self._clock))
+                s.assignment = a
+                self._trust(s)
+            elif s.config != config or s.assignment != a:
+                s.config, s.assignment = config, a
+                s.not_before = 0.0  # a changed backend is tried now, not after an old backoff
+        self._changed()
+        self.wake()
+
+    def _assignment_config(self, a: AssignmentRecord, port: int) -> BackendConfig:
+        return BackendConfig(name=a.name, model=a.model, engine=a.engine,  # type: ignore[arg-type]
+                             port=port, gpus=list(a.gpus), image=a.image, args=list(a.args),
+                             env=dict(a.env))
+
+    def _port_for(self, name: str) -> int:
+        """The replica's port: the one it had, or the lowest free one of assignment_ports."""
+        port = self._ports.get(name)
+        if port is not None:
+            return port
+        low, high = self.config.port_range
+        taken = {b.port for b in self._pinned} | set(self._ports.values())
+        for candidate in range(low, high + 1):
+            if candidate not in taken:
+                self._ports[name] = candidate
+                return candidate
+        raise EngineError(f"no free port left in assignment_ports ({low}-{high})")
+
+    def _assignment_spec(self, s: BackendStatus, a: AssignmentRecord, gpus: list[GpuRecord],
+                         pinned_taken: set[int]) -> ContainerSpec:
+        by_index = {g.index: g for g in gpus}
+        chosen: list[GpuRecord] = []
+        for index, uuid in zip(a.gpus, a.gpu_uuids, strict=False):
+            gpu = by_index.get(index)
+            if gpu is None or gpu.uuid != uuid:
+                raise EngineError(f"assigned GPU {index} ({uuid}) is not on this node")
+            if index in pinned_taken:
+                raise EngineError(f"assigned GPU {index} is held by a pinned backend")
+            chosen.append(gpu)
+        config = self._assignment_config(a, self._port_for(a.name))
+        if a.memory_bytes is not None and chosen and chosen[0].memory_total_bytes:
+            share = share_args(a.engine, a.memory_bytes / chosen[0].memory_total_bytes)
+            config = self._with_args(config, [*share, *a.args])
+        s.config = config
+        # The sim engine holds its GPUs on paper (demos, tests): no device is mapped.
+        real = a.engine != "sim"
+        return build_spec(self.node, config, chosen if real else (),
+                          a.vendor if real else None, models_dir=self.config.models_dir,
+                          advertise_host=self.config.advertise_host, node_gpus=gpus,
+                          deployment=a.deployment)
+
+    @staticmethod
+    def _with_args(config: BackendConfig, args: list[str]) -> BackendConfig:
+        return BackendConfig(name=config.name, model=config.model, engine=config.engine,
+                             port=config.port, gpus=config.gpus, image=config.image,
+                             args=args, env=config.env)
+
     def desired(self) -> dict[str, ContainerSpec]:
-        """The specs the config asks for; a backend that cannot be placed gets its error."""
+        """The specs the config and the assignments ask for; one that cannot run gets its
+        error in its record, the others still run."""
         if self.drained is not None:
             # Nothing desired: plan() removes every container; the records stay, stopped.
             for s in self.status.values():
                 self._set(s, "stopped", self.drained)
             return {}
         gpus, offerable = self._gpus()
-        placements = place(self.config.backend, gpus, offerable)
+        placements = place(self._pinned, gpus, offerable)
+        pinned_taken = {g.index for p in placements.values() if isinstance(p, Placement)
+                        for g in p.gpus}
         specs: dict[str, ContainerSpec] = {}
-        for b in self.config.backend:
+        for name, s in self.status.items():
+            a = s.assignment
+            if a is None:
+                continue
+            try:
+                specs[name] = s.spec = self._assignment_spec(s, a, gpus, pinned_taken)
+            except EngineError as err:
+                s.spec = None
+                self._set(s, "stopped", str(err))
+        for b in self._pinned:
             s = self.status[b.name]
             p = placements[b.name]
             if isinstance(p, PlacementError):
@@ -246,8 +390,13 @@ class Supervisor:
 
     async def reconcile(self) -> None:
         """One pass: list, plan, act. Raises DockerUnavailable when the engine is away."""
-        desired = self.desired()
         actual = await self.docker.list_managed(self.node)
+        for c in actual:  # a replica keeps the port its container has (recover from labels)
+            if c.deployment is not None and c.port is not None:
+                self._ports.setdefault(c.backend, c.port)
+        desired = self.desired()
+        if not self.assignments_known.is_set():
+            actual = [c for c in actual if c.deployment is None or c.backend in desired]
         for action in plan(desired, actual):
             try:
                 await self._act(action)
@@ -278,6 +427,9 @@ class Supervisor:
             return
         s = self.status[action.backend]
         if isinstance(action, Adopt):
+            if s.container_id is not None and s.container_id != action.container.id and \
+                    s.state == "ready":
+                self._set(s, "starting", None)  # not the container that was ready
             if s.container_id != action.container.id:
                 log.info("adopted container", extra={"backend": action.backend,
                                                      "container": action.container.id[:12]})
@@ -447,3 +599,8 @@ class Supervisor:
             if s.state == "ready" and s.probe_fails >= FAILS_TO_UNHEALTHY:
                 self._set(s, "unhealthy", result.error)
         self.metrics.backend(self._record(s))
+
+
+def _url_port(url: str) -> int | None:
+    _, _, port = url.rpartition(":")
+    return int(port) if port.isdigit() else None

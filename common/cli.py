@@ -16,7 +16,7 @@ EXIT_CONFIG = 2
 
 
 def daemon_parser(prog: str, default_config: str, description: str) -> argparse.ArgumentParser:
-    """An argument parser with the flags every daemon takes (DESIGN.md: Commands)."""
+    """An argument parser with the flags every daemon takes (docs/contracts.md: Commands)."""
     parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--config", metavar="PATH", default=None,
                         help=f"TOML config file (default {default_config})")
@@ -28,6 +28,24 @@ def daemon_parser(prog: str, default_config: str, description: str) -> argparse.
     return parser
 
 
+def load_config(
+    cls: type[T],
+    args: argparse.Namespace,
+    *,
+    flags: Sequence[str] = ("etcd", "listen", "log_level"),
+    environ: Mapping[str, str] | None = None,
+) -> T:
+    """Load the daemon's config from its file, environment and flags; raises ConfigError."""
+    path = args.config or args.default_config
+    return config.load(
+        cls,
+        path,
+        explicit=args.config is not None,
+        environ=os.environ if environ is None else environ,
+        flags={name: getattr(args, name, None) for name in flags},
+    )
+
+
 def load_or_exit(
     cls: type[T],
     args: argparse.Namespace,
@@ -37,15 +55,8 @@ def load_or_exit(
     environ: Mapping[str, str] | None = None,
 ) -> T:
     """Load the daemon's config; on any error print one line and exit 2 (no traceback)."""
-    path = args.config or args.default_config
     try:
-        return config.load(
-            cls,
-            path,
-            explicit=args.config is not None,
-            environ=os.environ if environ is None else environ,
-            flags={name: getattr(args, name, None) for name in flags},
-        )
+        return load_config(cls, args, flags=flags, environ=environ)
     except config.ConfigError as err:
         print(f"{prog}: config error: {err}", file=sys.stderr)
         raise SystemExit(EXIT_CONFIG) from None

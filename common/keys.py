@@ -1,4 +1,4 @@
-"""The etcd key layout (DESIGN.md: etcd keys and records), in one place."""
+"""The etcd key layout (docs/contracts.md: etcd keys and records), in one place."""
 
 from __future__ import annotations
 

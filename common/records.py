@@ -1,4 +1,4 @@
-"""The records that cross process boundaries through etcd (DESIGN.md: etcd keys and records).
+"""The records that cross process boundaries through etcd (docs/contracts.md: etcd records).
 
 Records are slotted dataclasses, written with orjson (which serialises dataclasses natively)
 and read back through :func:`parse_node` / :func:`parse_backend`. Readers are forward

@@ -7,10 +7,10 @@ structurally, without inheriting from it.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Protocol, runtime_checkable
 
-from common.store import Event, Reset, Snapshot
+from common.store import Compare, Event, KeyValue, Reset, Snapshot, TxnResult
 
 
 @runtime_checkable
@@ -48,3 +48,8 @@ class Store(Protocol):
     def sync_prefix(self, prefix: str) -> AsyncIterator[Reset | Event]: ...
 
     def watch_prefix(self, prefix: str, start_revision: int) -> AsyncIterator[Event]: ...
+
+    async def get_item(self, key: str) -> KeyValue | None: ...
+
+    async def txn(self, when: Sequence[Compare], *, puts: Sequence[tuple[str, bytes]] = (),
+                  deletes: Sequence[str] = (), lease: int | None = None) -> TxnResult: ...

@@ -5,7 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from agent.docker.spec import LABEL_BACKEND, LABEL_HASH, LABEL_MANAGED, LABEL_NODE
+from agent.docker.spec import (
+    LABEL_BACKEND,
+    LABEL_DEPLOYMENT,
+    LABEL_HASH,
+    LABEL_MANAGED,
+    LABEL_NODE,
+    LABEL_PORT,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,6 +30,8 @@ class ObservedContainer:
     oom_killed: bool = False
     finished_at: str = ""  # distinguishes one exit of a container from the next
     health: str | None = None  # Docker HEALTHCHECK status, where the image has one
+    deployment: str | None = None  # set on a deployment's replica
+    port: int | None = None
 
 
 def observe(attrs: dict[str, Any]) -> ObservedContainer | None:
@@ -44,6 +53,8 @@ def observe(attrs: dict[str, Any]) -> ObservedContainer | None:
         oom_killed=bool(state.get("OOMKilled")),
         finished_at=state.get("FinishedAt", ""),
         health=health.get("Status"),
+        deployment=labels.get(LABEL_DEPLOYMENT),
+        port=int(labels[LABEL_PORT]) if labels.get(LABEL_PORT, "").isdigit() else None,
     )
 
 

@@ -21,6 +21,10 @@ LABEL_MANAGED = "aivmm.managed"
 LABEL_NODE = "aivmm.node"
 LABEL_BACKEND = "aivmm.backend"
 LABEL_HASH = "aivmm.config-hash"
+# Set on a deployment's replicas: the agent keeps such a container through a restart until
+# it knows its assignments, and re-learns the port it gave the replica.
+LABEL_DEPLOYMENT = "aivmm.deployment"
+LABEL_PORT = "aivmm.port"
 MODELS_MOUNT = "/models"
 
 
@@ -66,7 +70,7 @@ def container_name(node: str, backend: str) -> str:
 def _gpu_access(vendor: Vendor | None, gpus: Sequence[GpuRecord],
                 node_gpus: Sequence[GpuRecord]) -> tuple[list[str], list[str], list[str],
                                                         dict[str, str]]:
-    """(nvidia device ids, device nodes, groups, env) for the GPUs, by vendor (DESIGN.md)."""
+    """(nvidia device ids, device nodes, groups, env) for the GPUs (docs/contracts.md)."""
     if not gpus:
         return [], [], [], {}
     renders = [g.render_node for g in gpus if g.render_node]
@@ -89,7 +93,8 @@ def _gpu_access(vendor: Vendor | None, gpus: Sequence[GpuRecord],
 
 def build_spec(node: str, backend: BackendConfig, gpus: Sequence[GpuRecord],
                vendor: Vendor | None, *, models_dir: str, advertise_host: str,
-               node_gpus: Sequence[GpuRecord] = ()) -> ContainerSpec:
+               node_gpus: Sequence[GpuRecord] = (), deployment: str | None = None
+               ) -> ContainerSpec:
     """The container for ``backend`` with ``gpus``; raises EngineError when it cannot run."""
     host_net = backend.network == "host"
     # With host networking the engine binds the advertised address itself; on a bridge it
@@ -124,7 +129,9 @@ def build_spec(node: str, backend: BackendConfig, gpus: Sequence[GpuRecord],
     )
     digest = hashlib.sha256(orjson.dumps(asdict(spec), option=orjson.OPT_SORT_KEYS))
     labels = {LABEL_MANAGED: "true", LABEL_NODE: node, LABEL_BACKEND: backend.name,
-              LABEL_HASH: digest.hexdigest()[:16]}
+              LABEL_HASH: digest.hexdigest()[:16], LABEL_PORT: str(backend.port)}
+    if deployment is not None:
+        labels[LABEL_DEPLOYMENT] = deployment
     return replace(spec, labels=labels)
 
 
