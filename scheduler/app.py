@@ -7,6 +7,8 @@ ones are shared (:mod:`common.contexts`).
 
 from __future__ import annotations
 
+import os
+import socket
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -23,8 +25,10 @@ from scheduler import status
 from scheduler.auth import Authenticator, read_keys_file
 from scheduler.budget import RetryBudget
 from scheduler.config import SchedulerConfig
+from scheduler.deployed import DeployedModels
 from scheduler.errors import error_response
 from scheduler.metrics import SchedulerMetrics
+from scheduler.placer.service import Placer
 from scheduler.proxy import Proxy, ProxySettings, parse_request
 from scheduler.registry import Registry
 from scheduler.routing import Router
@@ -38,6 +42,10 @@ METRICS: web.AppKey[SchedulerMetrics] = web.AppKey("metrics", SchedulerMetrics)
 FAILOVERS: web.AppKey[status.FailoverLog] = web.AppKey("failovers", status.FailoverLog)
 RATES: web.AppKey[status.RequestRates] = web.AppKey("rates", status.RequestRates)
 ETCD_VIEW: web.AppKey[status.EtcdView] = web.AppKey("etcd_view", status.EtcdView)
+DEPLOYED: web.AppKey[DeployedModels] = web.AppKey("deployed", DeployedModels)
+PLACER: web.AppKey[Placer] = web.AppKey("placer", Placer)
+# Seconds a client is told to wait for a deployed model that is still starting.
+STARTING_RETRY_AFTER_S = 5
 
 OPENAI_POST_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 
@@ -76,6 +84,14 @@ async def _admit(request: web.Request) -> web.Response | tuple[bytes, str]:
         return error_response(400, why or "bad request", "invalid_request",
                               param="model" if why and "model" in why else None)
     if not app[ROUTER].known(model):
+        deployment = app[DEPLOYED].deployment_of(model)
+        if deployment is not None:
+            # Deployed but served nowhere yet: a 503 is retried by the OpenAI SDKs, a 404
+            # is not, and the model will be there once its engine has started.
+            return error_response(
+                503, f"The model '{model}' is starting (deployment '{deployment.name}': "
+                f"{deployment.replicas} replica(s) wanted, none ready yet); retry shortly",
+                "model_starting", headers={"Retry-After": str(STARTING_RETRY_AFTER_S)})
         return error_response(404, f"The model '{model}' does not exist", "model_not_found",
                               param="model")
     return body, model
@@ -120,8 +136,15 @@ async def handle_readyz(request: web.Request) -> web.Response:
     body = {"ready": ready, "stopping": stopping,
             "etcd": "connected" if connected else "disconnected",
             "stale": not connected, "backends": app[ROUTER].counts(time.monotonic()),
-            "revision": app[REGISTRY_VIEW].revision}
+            "revision": app[REGISTRY_VIEW].revision, "placer": placer_role(app)}
     return web.json_response(body, status=200 if ready else 503)
+
+
+def placer_role(app: web.Application) -> str:
+    """"leader", "standby", or "off" (placer = false in scheduler.toml)."""
+    if not app[CONFIG].placer:
+        return "off"
+    return "leader" if PLACER in app and app[PLACER].leading else "standby"
 
 
 async def handle_metrics_fresh(request: web.Request) -> web.Response:
@@ -131,6 +154,9 @@ async def handle_metrics_fresh(request: web.Request) -> web.Response:
     for state, n in app[ROUTER].counts(time.monotonic()).items():
         m.backends.labels(state).set(n)
     m.etcd_connected.set(1 if etcd_connected(app) else 0)
+    if PLACER in app:
+        m.placer_leader.set(1 if app[PLACER].leading else 0)
+        m.placer_pending.set(app[PLACER].pending)
     return await handle_metrics(request)
 
 
@@ -173,10 +199,36 @@ async def proxy_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def watch_ctx(app: web.Application) -> AsyncIterator[None]:
-    """Follow etcd's backend records into the routing table, in a guarded task."""
+    """Follow etcd's backend records into the routing table, and the deployments, in
+    guarded tasks."""
     app[GUARD].spawn("backend-watch", app[REGISTRY_VIEW].run(app[STORE]))
+    app[GUARD].spawn("deployment-watch", app[DEPLOYED].run(app[STORE]))
     yield
-    await app[GUARD].cancel("backend-watch")
+    await app[GUARD].cancel("deployment-watch", "backend-watch")
+
+
+async def placer_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Campaign for the placer role (unless turned off); while elected, place deployments."""
+    config = app[CONFIG]
+    if not config.placer:
+        yield
+        return
+    metrics = app[METRICS]
+    placer = Placer(app[STORE], Keys(config.etcd_prefix), holder=placer_holder(config),
+                    ttl=config.placer_lease_ttl, replace_after=config.placer_replace_after,
+                    max_restarts=config.placer_max_restarts,
+                    on_bad_record=metrics.placer_bad_records.inc,
+                    on_write=metrics.placer_writes.inc)
+    app[PLACER] = placer
+    app[GUARD].spawn("placer", placer.run())
+    yield
+    # Cancelling resigns (revokes the election lease): a standby takes over at once.
+    await app[GUARD].cancel("placer")
+
+
+def placer_holder(config: SchedulerConfig) -> str:
+    """Who the leader record names: this host and process, for operators and logs."""
+    return f"{socket.gethostname()}:{os.getpid()} ({config.listen})"
 
 
 def status_line(app: web.Application) -> str:
@@ -225,6 +277,8 @@ def build_app(config: SchedulerConfig) -> web.Application:
     proxy.on_failover = app[FAILOVERS].add
     app[RATES] = status.RequestRates(lambda: request_totals(metrics))
     app[ETCD_VIEW] = status.EtcdView(Keys(config.etcd_prefix))
+    app[DEPLOYED] = DeployedModels(Keys(config.etcd_prefix),
+                                   on_bad_record=metrics.bad_records.inc)
     app[REGISTRY] = metrics.registry
     for path in OPENAI_POST_PATHS:
         app.router.add_post(path, handle_openai)
@@ -235,5 +289,5 @@ def build_app(config: SchedulerConfig) -> web.Application:
     app.router.add_get("/", handle_status)
     app.router.add_get("/v1/cluster", handle_cluster)
     # notify_ctx last, so that on the way out STOPPING=1 goes first.
-    app.cleanup_ctx.extend([proxy_ctx, store_ctx, watch_ctx, notify_ctx])
+    app.cleanup_ctx.extend([proxy_ctx, store_ctx, watch_ctx, placer_ctx, notify_ctx])
     return app

@@ -1,4 +1,4 @@
-"""The scheduler's configuration (DESIGN.md: Configuration), loaded by common.config."""
+"""The scheduler's configuration (docs/contracts.md: Config keys), loaded by common.config."""
 
 from __future__ import annotations
 
@@ -47,6 +47,13 @@ class SchedulerConfig(DaemonConfig):
     # Requests in flight per backend before it counts as busy; 0 = no limit.
     max_inflight_per_backend: int = setting(
         0, check=lambda v: None if v >= 0 else "an integer >= 0")
+    # The deployments' placer (docs/deployments.md): every scheduler with it on is a
+    # candidate; one at a time is elected through an etcd lease of placer_lease_ttl seconds.
+    placer: bool = setting(True)
+    placer_lease_ttl: int = setting(5, check=lambda v: None if v >= 2 else "an integer >= 2")
+    # A replica not ready this long after it was assigned (or restarted this often) is moved.
+    placer_replace_after: float = setting(180.0, check=positive)
+    placer_max_restarts: int = setting(3, check=lambda v: None if v >= 1 else "an integer >= 1")
 
     def __post_init__(self) -> None:
         if self.api_keys_file is not None:

@@ -57,3 +57,14 @@ class SchedulerMetrics:
         self.bad_records = Counter(
             "aivmm_scheduler_bad_records_total", "Backend records skipped as unparsable",
             registry=r)
+        self.placer_leader = Gauge(
+            "aivmm_placer_leader", "1 while this scheduler is the elected placer", registry=r)
+        self.placer_writes = Counter(
+            "aivmm_placer_writes_total", "Assignment and status keys written or deleted",
+            registry=r)
+        self.placer_pending = Gauge(
+            "aivmm_placer_pending_replicas",
+            "Replicas the placer could not place (as of its last pass)", registry=r)
+        self.placer_bad_records = Counter(
+            "aivmm_placer_bad_records_total", "Records the placer skipped as unusable",
+            registry=r)

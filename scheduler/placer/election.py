@@ -18,7 +18,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from common.records import LeaderRecord, dump
-from common.store import Compare, EtcdStore, LeaseLost, StoreError, StoreUnavailable
+from common.store import Compare, LeaseLost, StoreError, StoreUnavailable
+from common.store_api import Store
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ class Election:
     before a successor can have been elected.
     """
 
-    def __init__(self, store: EtcdStore, key: str, holder: str, *, ttl: int,
+    def __init__(self, store: Store, key: str, holder: str, *, ttl: int,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.store = store
         self.key = key

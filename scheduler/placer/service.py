@@ -1,0 +1,330 @@
+"""The placer as a service: an elected scheduler process turns deployments into assignments.
+
+:class:`FleetView` is the placer's copy of the fleet (one etcd watch of the whole prefix),
+:class:`StartFailures` decides where a replica that would not start must not go again, and
+:func:`changes` is the diff between what etcd holds and what placement wants: all three are
+pure and tested so. :class:`Placer` is the shell: it runs the election and, while leading,
+places on every change and writes the difference in transactions fenced on its term.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from common.keys import Keys
+from common.records import (
+    AssignmentRecord,
+    BackendRecord,
+    DeploymentRecord,
+    NodeRecord,
+    PlacementStatus,
+    RecordError,
+    dump,
+    parse_assignment,
+    parse_backend,
+    parse_deployment,
+    parse_node,
+    parse_placement,
+)
+from common.store import Event, Reset
+from common.store_api import Store
+from scheduler.placer.election import Deposed, Election, Fence
+from scheduler.placer.placement import place
+
+log = logging.getLogger(__name__)
+
+# etcd allows 128 operations per transaction (--max-txn-ops); the fence compare is apart.
+TXN_OPS = 120
+
+
+@dataclass(slots=True)
+class FleetView:
+    """What the placer knows, kept from the sync stream of the whole prefix."""
+
+    keys: Keys
+    on_bad_record: Callable[[str, str], None] = lambda key, why: None
+    nodes: dict[str, NodeRecord] = field(default_factory=dict)
+    deployments: dict[str, DeploymentRecord] = field(default_factory=dict)
+    assignments: dict[str, AssignmentRecord] = field(default_factory=dict)  # by key
+    backends: dict[str, BackendRecord] = field(default_factory=dict)  # by key
+    statuses: dict[str, PlacementStatus] = field(default_factory=dict)  # by deployment
+    drained: set[str] = field(default_factory=set)
+    synced: bool = False
+
+    def apply(self, item: Reset | Event) -> None:
+        """Apply one item of the sync stream."""
+        if isinstance(item, Reset):
+            for table in (self.nodes, self.deployments, self.assignments, self.backends,
+                          self.statuses):
+                table.clear()
+            self.drained.clear()
+            for kv in item.snapshot.items:
+                self._put(kv.key, kv.value)
+            self.synced = True
+        elif item.kind == "delete":
+            self._delete(item.key)
+        else:
+            self._put(item.key, item.value)
+
+    def _table(self, key: str) -> tuple[dict[str, Any] | None, str, Callable[[bytes], Any]]:
+        k = self.keys
+        if key.startswith(k.nodes):
+            return self.nodes, key.removeprefix(k.nodes), parse_node
+        if key.startswith(k.deployments):
+            return self.deployments, key.removeprefix(k.deployments), parse_deployment
+        if key.startswith(k.assignments):
+            return self.assignments, key, parse_assignment
+        if key.startswith(k.backends):
+            return self.backends, key, parse_backend
+        if key.startswith(k.placements):
+            return self.statuses, key.removeprefix(k.placements), parse_placement
+        return None, "", parse_node
+
+    def _put(self, key: str, value: bytes) -> None:
+        if key.startswith(self.keys.drains):
+            self.drained.add(key.removeprefix(self.keys.drains))
+            return
+        table, name, parse = self._table(key)
+        if table is None or not name:
+            return
+        try:
+            table[name] = parse(value)
+        except RecordError as err:
+            # An unreadable record must not keep its old contents in the decision.
+            table.pop(name, None)
+            self.on_bad_record(key, str(err))
+
+    def _delete(self, key: str) -> None:
+        if key.startswith(self.keys.drains):
+            self.drained.discard(key.removeprefix(self.keys.drains))
+            return
+        table, name, _ = self._table(key)
+        if table is not None:
+            table.pop(name, None)
+
+    def reserved(self) -> dict[str, set[str]]:
+        """GPUs (by uuid) held by pinned backends of agent.toml, per node."""
+        out: dict[str, set[str]] = {}
+        for b in self.backends.values():
+            if b.deployment is None and b.gpus:
+                out.setdefault(b.node, set()).update(b.gpus)
+        return out
+
+    def backend_of(self, a: AssignmentRecord) -> BackendRecord | None:
+        return self.backends.get(self.keys.backend(a.node, a.name))
+
+
+@dataclass(slots=True)
+class _Unready:
+    since: float
+    strikes: int = 0
+
+
+class StartFailures:
+    """Where a deployment's replica must not be placed again for a while.
+
+    A replica whose backend has not been ready for ``replace_after`` seconds since it was
+    assigned (a missing image, an engine that cannot load the model) or that restarted
+    ``max_restarts`` times without becoming ready is moved: its node is avoided for that
+    deployment for ``avoid_base`` seconds, doubling at each new failure there up to
+    ``avoid_max``. Healthy replicas are never moved by this.
+    """
+
+    def __init__(self, *, replace_after: float, max_restarts: int = 3,
+                 avoid_base: float = 60.0, avoid_max: float = 900.0) -> None:
+        self.replace_after = replace_after
+        self.max_restarts = max_restarts
+        self.avoid_base = avoid_base
+        self.avoid_max = avoid_max
+        self._unready: dict[str, _Unready] = {}  # assignment key -> since when
+        self._avoid: dict[tuple[str, str], float] = {}  # (deployment, node) -> until
+        self._strikes: dict[tuple[str, str], int] = {}
+
+    def observe(self, view: FleetView, now: float) -> list[str]:
+        """Note the replicas' states; returns a line for each replica given up on."""
+        moved: list[str] = []
+        seen: set[str] = set()
+        for key, a in view.assignments.items():
+            seen.add(key)
+            backend = view.backend_of(a)
+            if backend is not None and backend.state == "ready":
+                self._unready.pop(key, None)
+                continue
+            if view.nodes.get(a.node) is None:
+                continue  # a dead node's replicas move anyway
+            track = self._unready.setdefault(key, _Unready(since=max(now, 0.0)))
+            started = max(track.since, a.assigned_at)
+            restarts = backend.restarts if backend is not None else 0
+            if now - started < self.replace_after and restarts < self.max_restarts:
+                continue
+            pair = (a.deployment, a.node)
+            strikes = self._strikes.get(pair, 0)
+            self._strikes[pair] = strikes + 1
+            hold = min(self.avoid_max, self.avoid_base * 2 ** strikes)
+            self._avoid[pair] = now + hold
+            self._unready.pop(key, None)
+            why = backend.error if backend is not None and backend.error else "no backend"
+            moved.append(f"replica {a.name} did not start on {a.node} ({why}); "
+                         f"placing it elsewhere, {a.node} avoided for {hold:g}s")
+        for key in [k for k in self._unready if k not in seen]:
+            del self._unready[key]
+        return moved
+
+    def avoid(self, now: float) -> dict[str, set[str]]:
+        for pair in [p for p, until in self._avoid.items() if until <= now]:
+            del self._avoid[pair]
+        out: dict[str, set[str]] = {}
+        for deployment, node in self._avoid:
+            out.setdefault(deployment, set()).add(node)
+        return out
+
+    def next_deadline(self, now: float) -> float | None:
+        """When the next decision may change with no event: an avoid ending, a timer."""
+        times = [until for until in self._avoid.values() if until > now]
+        times += [t.since + self.replace_after for t in self._unready.values()]
+        return min(times) if times else None
+
+
+def _same_status(a: PlacementStatus, b: PlacementStatus) -> bool:
+    return (a.placed, a.pending, a.reasons) == (b.placed, b.pending, b.reasons)
+
+
+@dataclass(frozen=True, slots=True)
+class Changes:
+    """The writes that bring etcd to a placement."""
+
+    puts: list[tuple[str, bytes]]
+    deletes: list[str]
+
+    def __bool__(self) -> bool:
+        return bool(self.puts or self.deletes)
+
+
+def changes(keys: Keys, view: FleetView, assignments: Sequence[AssignmentRecord],
+            statuses: Mapping[str, PlacementStatus]) -> Changes:
+    """What to put and delete so that etcd holds ``assignments`` and ``statuses``."""
+    puts: list[tuple[str, bytes]] = []
+    deletes: list[str] = []
+    wanted = {keys.assignment(a.node, a.name): a for a in assignments}
+    for key, a in sorted(wanted.items()):
+        if view.assignments.get(key) != a:
+            puts.append((key, dump(a)))
+    deletes += sorted(k for k in view.assignments if k not in wanted)
+    for name, status in sorted(statuses.items()):
+        old = view.statuses.get(name)
+        if old is None or not _same_status(old, status):
+            puts.append((keys.placement(name), dump(status)))
+    deletes += sorted(keys.placement(n) for n in view.statuses if n not in statuses)
+    return Changes(puts, deletes)
+
+
+def _batches(c: Changes) -> Iterable[tuple[list[tuple[str, bytes]], list[str]]]:
+    ops: list[tuple[str, bytes] | str] = [*c.puts, *c.deletes]
+    for i in range(0, len(ops), TXN_OPS):
+        chunk = ops[i:i + TXN_OPS]
+        yield ([op for op in chunk if isinstance(op, tuple)],
+               [op for op in chunk if isinstance(op, str)])
+
+
+class Placer:
+    """Campaigns for the placer role; while elected, keeps assignments in step with the fleet."""
+
+    def __init__(self, store: Store, keys: Keys, holder: str, *, ttl: int = 5,
+                 replace_after: float = 180.0, max_restarts: int = 3,
+                 debounce: float = 0.05, on_bad_record: Callable[[], None] = lambda: None,
+                 on_write: Callable[[int], None] = lambda n: None) -> None:
+        self.store = store
+        self.keys = keys
+        self.holder = holder
+        self.election = Election(store, keys.placer_leader, holder, ttl=ttl)
+        self.failures = StartFailures(replace_after=replace_after, max_restarts=max_restarts)
+        self.debounce = debounce
+        self._on_bad_record = on_bad_record
+        self._on_write = on_write
+        self.passes = 0  # placement passes run while leading (tests, metrics)
+        self.pending = 0  # replicas that fit nowhere, as of the last pass
+
+    @property
+    def leading(self) -> bool:
+        return self.election.leading
+
+    async def run(self) -> None:
+        """The eternal task (a scheduler's guard runs it)."""
+        await self.election.run(self._lead)
+
+    def _bad(self, key: str, why: str) -> None:
+        log.warning("placer skips an unusable record", extra={"key": key, "error": why})
+        self._on_bad_record()
+
+    async def _lead(self, fence: Fence) -> None:
+        view = FleetView(self.keys, on_bad_record=self._bad)
+        dirty = asyncio.Event()
+
+        async def follow() -> None:
+            async for item in self.store.sync_prefix(self.keys.prefix + "/"):
+                view.apply(item)
+                dirty.set()
+            raise RuntimeError("the placer's etcd sync stream ended")
+
+        follower = asyncio.create_task(follow(), name="placer-watch")
+        try:
+            while True:
+                now = time.time()
+                deadline = self.failures.next_deadline(now)
+                wait = 5.0 if deadline is None else min(5.0, max(0.05, deadline - now))
+                waiter = asyncio.create_task(dirty.wait(), name="placer-wake")
+                try:
+                    done, _ = await asyncio.wait({waiter, follower}, timeout=wait,
+                                                 return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    waiter.cancel()
+                if follower in done:
+                    follower.result()
+                if not view.synced:
+                    continue
+                # A burst of events (an agent registering 16 backends) is one decision.
+                await asyncio.sleep(self.debounce)
+                dirty.clear()
+                await self.place_once(view, fence)
+        finally:
+            follower.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await follower
+
+    async def place_once(self, view: FleetView, fence: Fence) -> Changes:
+        """Decide from ``view`` and write the difference under ``fence``."""
+        now = time.time()
+        for line in self.failures.observe(view, now):
+            log.warning(line)
+        result = place(list(view.deployments.values()), list(view.nodes.values()),
+                       list(view.assignments.values()), reserved=view.reserved(),
+                       drained=frozenset(view.drained), avoid=self.failures.avoid(now),
+                       now=now)
+        statuses = {name: dataclasses.replace(s, placer=self.holder, updated_at=now)
+                    for name, s in result.status.items()}
+        self.pending = sum(s.pending for s in statuses.values())
+        diff = changes(self.keys, view, result.assignments, statuses)
+        self.passes += 1
+        for puts, deletes in _batches(diff):
+            written = await self.store.txn([fence.compare], puts=puts, deletes=deletes)
+            if not written.succeeded:
+                raise Deposed("the placer election has another leader; not writing")
+            self._on_write(len(puts) + len(deletes))
+            # Our own writes come back through the watch; apply them now so that a decision
+            # made before they arrive does not place the same replicas twice.
+            for key, value in puts:
+                view.apply(Event("put", key, value, written.revision))
+            for key in deletes:
+                view.apply(Event("delete", key, b"", written.revision))
+        if diff:
+            log.info("placement written", extra={"puts": len(diff.puts),
+                                                 "deletes": len(diff.deletes),
+                                                 "pending": self.pending})
+        return diff
