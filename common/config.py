@@ -21,6 +21,7 @@ from typing import Any, Literal, TypeVar
 import orjson
 
 from common.endpoints import etcd_target
+from common.typedesc import describe
 
 T = TypeVar("T")
 ENV_PREFIX = "AIVMM_"
@@ -101,31 +102,6 @@ def log_level(value: Any) -> str | None:
 
 # -- conversion --------------------------------------------------------------------------------
 
-def _describe(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if tp is str:
-        return "a string"
-    if tp is bool:
-        return "true or false"
-    if tp is int:
-        return "an integer"
-    if tp is float:
-        return "a number"
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in args)
-    if origin is list:
-        (inner,) = args
-        if dataclasses.is_dataclass(inner):
-            return "a list of tables"
-        return f"a list of {_describe(inner).removeprefix('a ').removeprefix('an ')}s"
-    if origin is dict:
-        return "a table of strings"
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_describe(a) for a in args if a is not type(None))
-    return getattr(tp, "__name__", str(tp))
-
-
 def _from_string(tp: Any, raw: str) -> Any:
     """Turn an environment or flag string into the shape a TOML file would have given."""
     origin = typing.get_origin(tp)
@@ -175,7 +151,7 @@ def _from_string(tp: Any, raw: str) -> Any:
 def _convert(tp: Any, value: Any, source: str, key: str) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
-    bad = ConfigError(source, key, _describe(tp), value)
+    bad = ConfigError(source, key, describe(tp), value)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
@@ -243,7 +219,7 @@ def build(cls: type[T], values: Mapping[str, Any], source: str, prefix: str = ""
         if name not in values:
             no_factory = field.default_factory is dataclasses.MISSING
             if field.default is dataclasses.MISSING and no_factory:
-                raise ConfigError(source, key, f"{_describe(hints[name])} (missing)")
+                raise ConfigError(source, key, f"{describe(hints[name])} (missing)")
             continue
         value = _convert(hints[name], values[name], source, key)
         check = field.metadata.get("check")

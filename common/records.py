@@ -20,6 +20,8 @@ from typing import Any, Literal, TypeVar
 
 import orjson
 
+from common.typedesc import describe
+
 SCHEMA = 1
 Vendor = Literal["nvidia", "amd", "intel"]
 State = Literal["starting", "ready", "unhealthy", "stopped"]
@@ -229,25 +231,6 @@ Check = Callable[[Any], Any]
 R = TypeVar("R")
 
 
-def _describe(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if tp is str:
-        return "a string"
-    if tp is bool:
-        return "true or false"
-    if tp is int:
-        return "an integer"
-    if tp is float:
-        return "a number"
-    if origin is Literal:
-        return "one of " + ", ".join(typing.get_args(tp))
-    if origin is list:
-        return "a list"
-    if origin is dict:
-        return "an object of strings"
-    return "an object"
-
-
 def _check_for(tp: Any) -> Check:
     """A function that returns the value converted to ``tp`` or raises TypeError/RecordError."""
     origin = typing.get_origin(tp)
@@ -275,7 +258,7 @@ def _check_for(tp: Any) -> Check:
     if origin is Literal:
         def check_choice(v: Any) -> Any:
             if v not in args:
-                raise TypeError(_describe(tp))
+                raise TypeError(describe(tp, table="object"))
             return v
         return check_choice
     if dataclasses.is_dataclass(tp):
@@ -283,11 +266,11 @@ def _check_for(tp: Any) -> Check:
 
     def check_plain(v: Any) -> Any:
         if isinstance(v, bool) and tp is not bool:
-            raise TypeError(_describe(tp))
+            raise TypeError(describe(tp, table="object"))
         if tp is float and isinstance(v, int):
             return float(v)
         if not isinstance(v, tp):
-            raise TypeError(_describe(tp))
+            raise TypeError(describe(tp, table="object"))
         return v
     return check_plain
 
