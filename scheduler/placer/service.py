@@ -170,7 +170,8 @@ class StartFailures:
             hold = min(self.avoid_max, self.avoid_base * 2 ** strikes)
             self._avoid[pair] = now + hold
             self._unready.pop(key, None)
-            why = backend.error if backend is not None and backend.error else "no backend"
+            why = ("no backend" if backend is None
+                   else backend.error or f"{backend.state}, {restarts} restarts")
             moved.append(f"replica {a.name} did not start on {a.node} ({why}); "
                          f"placing it elsewhere, {a.node} avoided for {hold:g}s")
         for key in [k for k in self._unready if k not in seen]:
