@@ -52,7 +52,7 @@ class AgentMetrics:
 
     def gpus(self, gpus: list[GpuRecord]) -> None:
         """Set the GPU gauges; a figure the driver does not give is left out, not zero."""
-        seen = set()
+        seen: set[tuple[str, str, str]] = set()
         for g in gpus:
             labels = (self.node, str(g.index), g.vendor)
             seen.add(labels)

@@ -59,7 +59,8 @@ def setting(default: Any = _MISSING, *, check: Check | None = None, doc: str = "
     if default is _MISSING:
         return dataclasses.field(metadata=metadata)
     if isinstance(default, list | dict):
-        return dataclasses.field(default_factory=lambda d=default: type(d)(d), metadata=metadata)
+        # mypy cannot infer a lambda with a default argument where a Callable[[], T] is wanted.
+        return dataclasses.field(default_factory=lambda d=default: type(d)(d), metadata=metadata)  # type: ignore[misc]
     return dataclasses.field(default=default, metadata=metadata)
 
 
@@ -202,7 +203,7 @@ def _convert(tp: Any, value: Any, source: str, key: str) -> Any:
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(source, key, "a table", value)
-        return build(tp, value, source, prefix=f"{key}.")
+        return build(typing.cast("type[Any]", tp), value, source, prefix=f"{key}.")
     raise TypeError(f"unsupported config type {tp!r}")  # a bug in a config class, not input
 
 

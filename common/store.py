@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
@@ -111,13 +111,13 @@ class Compare:
         c = rpc.Compare(key=self.key.encode(), result=rpc.Compare.EQUAL)
         if self.target == "create":
             c.target = rpc.Compare.CREATE
-            c.create_revision = int(self.expected)  # type: ignore[arg-type]
+            c.create_revision = int(self.expected)
         elif self.target == "mod":
             c.target = rpc.Compare.MOD
-            c.mod_revision = int(self.expected)  # type: ignore[arg-type]
+            c.mod_revision = int(self.expected)
         else:
             c.target = rpc.Compare.VALUE
-            c.value = bytes(self.expected)  # type: ignore[arg-type]
+            c.value = bytes(self.expected)
         return c
 
 
@@ -456,7 +456,7 @@ class EtcdStore:
         async def op(conn: _Conn) -> Any:
             return await conn.kv.DeleteRange(req, timeout=self._timeout)
 
-        return (await self._call(f"delete {key}", op)).deleted > 0
+        return int((await self._call(f"delete {key}", op)).deleted) > 0
 
     async def delete_prefix(self, prefix: str) -> int:
         """Delete every key under ``prefix``; returns how many there were."""
@@ -541,7 +541,7 @@ class EtcdStore:
 
     # -- watches ---------------------------------------------------------------------------
 
-    async def _watch(self, prefix: str, start_revision: int) -> AsyncIterator[_WatchBatch]:
+    async def _watch(self, prefix: str, start_revision: int) -> AsyncGenerator[_WatchBatch, None]:
         """One watch stream, response by response; the stream is cancelled on exit."""
         raw = prefix.encode()
         create = rpc.WatchRequest(create_request=rpc.WatchCreateRequest(
@@ -597,7 +597,7 @@ class EtcdStore:
         finally:
             await stream.end()
 
-    async def watch_prefix(self, prefix: str, start_revision: int) -> AsyncIterator[Event]:
+    async def watch_prefix(self, prefix: str, start_revision: int) -> AsyncGenerator[Event, None]:
         """Raw watch from ``start_revision`` (inclusive); raises on a broken stream.
 
         Raises :class:`StoreUnavailable` when the stream breaks and :class:`Compacted` when

@@ -7,7 +7,7 @@ structurally, without inheriting from it.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from typing import Protocol, runtime_checkable
 
 from common.store import Compare, Event, KeyValue, Reset, Snapshot, TxnResult
@@ -47,7 +47,7 @@ class Store(Protocol):
 
     def sync_prefix(self, prefix: str) -> AsyncIterator[Reset | Event]: ...
 
-    def watch_prefix(self, prefix: str, start_revision: int) -> AsyncIterator[Event]: ...
+    def watch_prefix(self, prefix: str, start_revision: int) -> AsyncGenerator[Event, None]: ...
 
     async def get_item(self, key: str) -> KeyValue | None: ...
 

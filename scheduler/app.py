@@ -11,10 +11,10 @@ import os
 import socket
 import time
 from collections.abc import AsyncIterator
-from typing import Any
 
 import orjson
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from common.contexts import STORE, DaemonSpec, etcd_connected, init_daemon, notify_ctx, store_ctx
 from common.daemon import STOPPING
@@ -98,7 +98,7 @@ async def _admit(request: web.Request) -> web.Response | tuple[bytes, str]:
 
 
 @web.middleware
-async def openai_shaped_errors(request: web.Request, handler: Any) -> web.StreamResponse:
+async def openai_shaped_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     """A wrong path or method gets the OpenAI error shape too, not aiohttp's plain text."""
     try:
         return await handler(request)

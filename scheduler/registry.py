@@ -70,12 +70,12 @@ class Registry:
             if item.kind == "delete":
                 self.router.remove(f"{names[0]}/{names[1]}")
             else:
-                parsed = self._parse(item.key, item.value)
-                if parsed is None:
+                entry = self._parse(item.key, item.value)
+                if entry is None:
                     # A record we cannot read must not keep routing to its old contents.
                     self.router.remove(f"{names[0]}/{names[1]}")
                 else:
-                    self.router.upsert(*parsed)
+                    self.router.upsert(*entry)
         self.on_change()
 
     async def run(self, source: SyncSource) -> None:

@@ -25,7 +25,8 @@ from agent.metrics import AgentMetrics
 from common.backoff import Backoff
 from common.keys import Keys
 from common.records import BackendLoad, BackendRecord, NodeRecord, dump
-from common.store import EtcdStore, StoreError, StoreUnavailable
+from common.store import StoreError, StoreUnavailable
+from common.store_api import Store
 
 log = logging.getLogger(__name__)
 REVOKE_TIMEOUT_S = 3.0
@@ -73,7 +74,7 @@ def _snapshot(record: BackendRecord) -> BackendRecord:
 class Heartbeat:
     """Owns the agent's lease and the records bound to it."""
 
-    def __init__(self, store: EtcdStore, keys: Keys, *, node: str, interval: float, ttl: int,
+    def __init__(self, store: Store, keys: Keys, *, node: str, interval: float, ttl: int,
                  node_record: Callable[[], NodeRecord],
                  backends: Callable[[], list[BackendRecord]], metrics: AgentMetrics,
                  rng: random.Random | None = None) -> None:

@@ -24,7 +24,8 @@ class NvidiaDetector:
         self._ready = False
         self._said_absent = False
 
-    def _field(self, index: int, what: str, read: Callable[[], T]) -> T | None:
+    # read takes no arguments; "..." because mypy cannot infer `lambda i=i: ...` as Callable[[], T].
+    def _field(self, index: int, what: str, read: Callable[..., T]) -> T | None:
         try:
             return read()
         except NvmlNotSupported:

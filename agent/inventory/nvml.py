@@ -11,7 +11,7 @@ import contextlib
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol, TypeVar
+from typing import Protocol, TypeVar, cast
 
 import pynvml
 
@@ -122,17 +122,17 @@ class Pynvml:
         return handle
 
     def driver_version(self) -> str:
-        return _call(pynvml.nvmlSystemGetDriverVersion)
+        return cast(str, _call(pynvml.nvmlSystemGetDriverVersion))
 
     def device_count(self) -> int:
         self._handles.clear()  # indexes may now name other GPUs (hot-plug, reset)
-        return _call(pynvml.nvmlDeviceGetCount)
+        return cast(int, _call(pynvml.nvmlDeviceGetCount))
 
     def name(self, index: int) -> str:
-        return _call(lambda: pynvml.nvmlDeviceGetName(self._handle(index)))
+        return cast(str, _call(lambda: pynvml.nvmlDeviceGetName(self._handle(index))))
 
     def uuid(self, index: int) -> str:
-        return _call(lambda: pynvml.nvmlDeviceGetUUID(self._handle(index)))
+        return cast(str, _call(lambda: pynvml.nvmlDeviceGetUUID(self._handle(index))))
 
     def pci_bus_id(self, index: int) -> str:
         info = _call(lambda: pynvml.nvmlDeviceGetPciInfo(self._handle(index)))

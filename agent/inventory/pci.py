@@ -52,7 +52,7 @@ def is_intel_integrated(bus_id: str) -> bool:
     address Intel reserves for the IGD since Sandy Bridge; discrete Arc / Data Center cards
     hang off a PCIe port and so never appear on bus 0."""
     m = _BUS_ID.match(bus_id)
-    return bool(m) and int(m.group(2), 16) == 0 and int(m.group(3), 16) == 2
+    return m is not None and int(m.group(2), 16) == 0 and int(m.group(3), 16) == 2
 
 
 def _driver(device: Path) -> str | None:

@@ -14,8 +14,9 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
+from typing import Any
 
 from common.records import LeaderRecord, dump
 from common.store import Compare, LeaseLost, StoreError, StoreUnavailable
@@ -37,7 +38,7 @@ class Fence:
         return Compare.created(self.key, self.token)
 
 
-Work = Callable[[Fence], Awaitable[None]]
+Work = Callable[[Fence], Coroutine[Any, Any, None]]
 
 
 class Deposed(StoreError):
