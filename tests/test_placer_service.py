@@ -390,9 +390,6 @@ async def test_a_pass_writes_assignments_and_statuses_and_a_second_writes_nothin
         await writer.revoke_lease(fence.lease)
 
 
-@pytest.mark.xfail(strict=True, reason="placement.place() words a short deployment's reason "
-                   "before deployments named after it take their GPUs; the next pass "
-                   "rewrites the status")
 async def test_a_short_deployment_named_first_settles_in_one_pass(
         prefix: str, writer: EtcdStore) -> None:
     keys = Keys(prefix)

@@ -44,8 +44,12 @@ class Placement:
 
 def generation(d: DeploymentRecord) -> str:
     """A short stable digest of the deployment fields its containers are built from."""
-    fields = {"model": d.model, "engine": d.engine, "gpus": d.gpus,
-              "memory_bytes": d.memory_bytes, "image": d.image, "args": d.args, "env": d.env}
+    fields: dict[str, object] = {
+        "model": d.model, "engine": d.engine, "gpus": d.gpus, "memory_bytes": d.memory_bytes,
+        "image": d.image, "args": d.args, "env": d.env}
+    # Added later: in the digest only when set, so existing replicas are not all re-placed.
+    if d.cpus is not None:
+        fields["cpus"] = d.cpus
     raw = json.dumps(fields, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(raw.encode()).hexdigest()[:12]
 
@@ -147,11 +151,18 @@ def place(deployments: Sequence[DeploymentRecord], nodes: Sequence[NodeRecord],
         kept[a.deployment].add(a.replica)
         result.append(a)
 
+    short: list[_Want] = []
     for name, w in wants.items():
         placed, reason = _place_missing(w, kept[name], fleet, now, result)
         total = len(kept[name]) + placed
         status[name] = PlacementStatus(name, total, w.d.replicas - total,
                                        [reason] if reason else [], updated_at=now)
+        if reason and not w.blocked:
+            short.append(w)
+    # A shortfall is measured on the fleet as every deployment left it, not as it was when
+    # this one was placed: a deployment placed later may have taken what was free then.
+    for w in short:
+        status[w.d.name].reasons = [_shortfall(w)]
 
     result.sort(key=assignment_key)
     return Placement(result, dict(sorted(status.items())))
@@ -184,7 +195,9 @@ def _resolve(d: DeploymentRecord, fleet: Mapping[str, _Node], alive: int,
 
     matching = [n for n in fleet.values()
                 if (not d.nodes or n.name in d.nodes)
-                and all(n.record.labels.get(k) == v for k, v in d.labels.items())]
+                and all(n.record.labels.get(k) == v for k, v in d.labels.items())
+                and (d.cpus is None or n.record.cpu_count is None
+                     or n.record.cpu_count >= d.cpus)]
     if not matching:
         if not fleet:
             return blocked("no node alive")
@@ -193,6 +206,8 @@ def _resolve(d: DeploymentRecord, fleet: Mapping[str, _Node], alive: int,
             wanted.append("nodes " + ", ".join(sorted(d.nodes)))
         if d.labels:
             wanted.append("labels " + ", ".join(f"{k}={v}" for k, v in sorted(d.labels.items())))
+        if d.cpus is not None:
+            wanted.append(f"at least {d.cpus:g} CPUs")
         return blocked(f"no node matches: {' and '.join(wanted)} ({alive} nodes alive)")
     eligible = [n for n in matching if n.name not in drained and n.name not in avoided]
     if not eligible:
@@ -352,7 +367,7 @@ def _assignment(w: _Want, replica: int, node: _Node, gpus: list[_Gpu],
         deployment=d.name, replica=replica, node=node.name, model=d.model, engine=engine,
         vendor=vendor, gpus=[g.record.index for g in gpus],
         gpu_uuids=[g.record.uuid for g in gpus], memory_bytes=d.memory_bytes,
-        image=d.image, args=list(d.args), env=dict(d.env), generation=w.gen,
+        image=d.image, args=list(d.args), env=dict(d.env), cpus=d.cpus, generation=w.gen,
         assigned_at=now)
 
 

@@ -227,7 +227,9 @@ def changes(keys: Keys, view: FleetView, assignments: Sequence[AssignmentRecord]
 
 
 def _batches(c: Changes) -> Iterable[tuple[list[tuple[str, bytes]], list[str]]]:
-    ops: list[tuple[str, bytes] | str] = [*c.puts, *c.deletes]
+    # Deletes first: if the writes span transactions and the placer is deposed between two,
+    # a replica may be missing for a moment, but no GPU is ever given twice.
+    ops: list[tuple[str, bytes] | str] = [*c.deletes, *c.puts]
     for i in range(0, len(ops), TXN_OPS):
         chunk = ops[i:i + TXN_OPS]
         yield ([op for op in chunk if isinstance(op, tuple)],
