@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import time
 from collections.abc import AsyncIterator, Callable
@@ -302,7 +303,8 @@ def node_record(app: web.Application) -> NodeRecord:
     return NodeRecord(node=config.node_name, agent_version=agent_version(),
                       started_at=app[STARTED_AT], heartbeat_at=time.time(),
                       gpus=list(app[GPUS].gpus), agent_url=agent_url(config),
-                      labels=dict(app[LIVE].labels))
+                      labels=dict(app[LIVE].labels),
+                      cpu_count=len(os.sched_getaffinity(0)))
 
 
 def status_line(app: web.Application) -> str:

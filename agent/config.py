@@ -22,6 +22,28 @@ def _memory(value: str) -> str | None:
     return None if _MEMORY.match(value) else "a size such as 16g, 512m or 1073741824"
 
 
+_CPUSET = re.compile(r"^[0-9]+(-[0-9]+)?(,[0-9]+(-[0-9]+)?)*$")
+
+
+def _cpus(value: float) -> str | None:
+    # Docker's NanoCPUs: a billionth of a core; below a hundredth the kernel's CFS quota
+    # (1 ms of each 100 ms period) cannot enforce it.
+    return None if 0.01 <= value <= 4096 else "a number of cores from 0.01 to 4096"
+
+
+def _cpuset(value: str) -> str | None:
+    return None if _CPUSET.match(value) else "CPU numbers such as 0-3 or 0,2,4-7"
+
+
+def cpuset_cores(value: str) -> set[int]:
+    """The CPUs a cpuset string names ("0-3,8" -> {0, 1, 2, 3, 8})."""
+    out: set[int] = set()
+    for part in value.split(","):
+        low, _, high = part.partition("-")
+        out.update(range(int(low), int(high or low) + 1))
+    return out
+
+
 def _port_range(value: str) -> str | None:
     low, sep, high = value.partition("-")
     if not sep or not low.isdigit() or not high.isdigit() or \
@@ -57,6 +79,10 @@ class BackendConfig:
     args: list[str] = setting([])
     env: dict[str, str] = setting({})
     memory_limit: str | None = setting(None, check=_memory)
+    # A CPU quota in cores (fractions allowed) and the CPUs the engine may run on: a
+    # tokenizer-heavy engine must not take every core of the node from its neighbours.
+    cpus: float | None = setting(None, check=_cpus)
+    cpuset: str | None = setting(None, check=_cpuset)
     health_path: str | None = setting(
         None, check=lambda v: None if v.startswith("/") else "a path starting with /")
     network: Literal["host", "bridge"] = setting("host")

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
+import os
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -29,7 +31,7 @@ from agent.docker.client import (
     Reconnected,
 )
 from agent.docker.observed import ObservedContainer, exit_reason
-from agent.docker.spec import ContainerSpec, backend_url, build_spec
+from agent.docker.spec import ContainerSpec, backend_url, build_spec, quota_problem
 from agent.engines import EngineError, share_args
 from agent.health.probe import Ewma, Prober, ProbeResult
 from agent.metrics import AgentMetrics
@@ -279,6 +281,7 @@ class Supervisor:
         """One status per pinned backend and per assignment; gone ones are dropped."""
         wanted: dict[str, tuple[BackendConfig, AssignmentRecord | None]] = {
             b.name: (b, None) for b in self._pinned}
+        a: AssignmentRecord | None
         for name, a in sorted(self._assigned.items()):
             if name in wanted:
                 log.warning("assignment has the name of a pinned backend; not run",
@@ -304,7 +307,7 @@ class Supervisor:
     def _assignment_config(self, a: AssignmentRecord, port: int) -> BackendConfig:
         return BackendConfig(name=a.name, model=a.model, engine=a.engine,  # type: ignore[arg-type]
                              port=port, gpus=list(a.gpus), image=a.image, args=list(a.args),
-                             env=dict(a.env))
+                             env=dict(a.env), cpus=a.cpus)
 
     def _port_for(self, name: str) -> int:
         """The replica's port: the one it had, or the lowest free one of assignment_ports."""
@@ -330,10 +333,13 @@ class Supervisor:
             if index in pinned_taken:
                 raise EngineError(f"assigned GPU {index} is held by a pinned backend")
             chosen.append(gpu)
+        problem = quota_problem(a.cpus, None, self._cores())
+        if problem:
+            raise EngineError(problem)
         config = self._assignment_config(a, self._port_for(a.name))
         if a.memory_bytes is not None and chosen and chosen[0].memory_total_bytes:
             share = share_args(a.engine, a.memory_bytes / chosen[0].memory_total_bytes)
-            config = self._with_args(config, [*share, *a.args])
+            config = dataclasses.replace(config, args=[*share, *a.args])
         s.config = config
         # The sim engine holds its GPUs on paper (demos, tests): no device is mapped.
         real = a.engine != "sim"
@@ -343,10 +349,9 @@ class Supervisor:
                           deployment=a.deployment)
 
     @staticmethod
-    def _with_args(config: BackendConfig, args: list[str]) -> BackendConfig:
-        return BackendConfig(name=config.name, model=config.model, engine=config.engine,
-                             port=config.port, gpus=config.gpus, image=config.image,
-                             args=args, env=config.env)
+    def _cores() -> set[int]:
+        """The CPUs this agent's engines may use (its own affinity: a cgroup may narrow it)."""
+        return set(os.sched_getaffinity(0))
 
     def desired(self) -> dict[str, ContainerSpec]:
         """The specs the config and the assignments ask for; one that cannot run gets its
@@ -376,6 +381,11 @@ class Supervisor:
             if isinstance(p, PlacementError):
                 s.spec = None
                 self._set(s, "stopped", p.message)
+                continue
+            problem = quota_problem(b.cpus, b.cpuset, self._cores())
+            if problem:
+                s.spec = None
+                self._set(s, "stopped", problem)
                 continue
             try:
                 specs[b.name] = build_spec(
@@ -565,7 +575,17 @@ class Supervisor:
         """Probe every backend with a container each probe_interval, concurrently."""
         try:
             while True:
-                await asyncio.gather(*(self._probe(s) for s in list(self.status.values())))
+                backends = list(self.status.values())
+                outcomes = await asyncio.gather(*(self._probe(s) for s in backends),
+                                                return_exceptions=True)
+                # A probe that raises is a bug for one backend, never the end of probing
+                # (the eternal task ending takes the agent, its lease and every backend).
+                for s, outcome in zip(backends, outcomes, strict=True):
+                    if isinstance(outcome, Exception):
+                        log.error("probe of %s raised", s.config.name, exc_info=outcome)
+                        with contextlib.suppress(Exception):
+                            self.apply_probe(s, ProbeResult(
+                                False, None, None, f"probe raised: {outcome!r}"))
                 await asyncio.sleep(self.config.probe_interval)
         finally:
             await self._prober.close()
@@ -582,7 +602,7 @@ class Supervisor:
                                           spec.api_path)
         # While the probe ran, the backend may have been drained, recreated or restarted:
         # an answer about what is gone must not mark what replaced it ready.
-        if s.spec is not spec or s.container_id != container or s.state == "stopped":
+        if s.spec is not spec or s.container_id != container or s.state == "stopped":  # type: ignore[comparison-overlap]
             return
         self.apply_probe(s, result)
 

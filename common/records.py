@@ -73,6 +73,8 @@ class NodeRecord:
     agent_url: str | None = None
     # Operator labels from agent.toml's [labels]; deployments may require some of them.
     labels: dict[str, str] = field(default_factory=dict)
+    # CPUs the agent may give its engines (its affinity), for deployments' CPU quotas.
+    cpu_count: int | None = None
     schema: int = SCHEMA
 
 
@@ -144,6 +146,8 @@ class DeploymentRecord:
     args: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
     placement: Policy = "spread"
+    # A CPU quota per replica, in cores (Docker's NanoCPUs); None: no quota.
+    cpus: float | None = None
     created_at: float = 0.0
     updated_at: float = 0.0
     schema: int = SCHEMA
@@ -161,6 +165,8 @@ def deployment_problem(d: DeploymentRecord) -> str | None:
         return "field 'gpus': expected an integer >= 0"
     if d.memory_bytes is not None and d.memory_bytes <= 0:
         return "field 'memory_bytes': expected a size > 0"
+    if d.cpus is not None and not 0.01 <= d.cpus <= 4096:
+        return "field 'cpus': expected a number of cores from 0.01 to 4096"
     return None
 
 
@@ -186,6 +192,7 @@ class AssignmentRecord:
     image: str | None = None
     args: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
+    cpus: float | None = None
     # A digest of the deployment fields the container depends on: a changed deployment
     # makes a new generation, and its replicas are placed again.
     generation: str = ""
@@ -262,7 +269,7 @@ def _check_for(tp: Any) -> Check:
             return v
         return check_choice
     if dataclasses.is_dataclass(tp):
-        return lambda v: _build(tp, v)
+        return lambda v: _build(typing.cast("type[Any]", tp), v)
 
     def check_plain(v: Any) -> Any:
         if isinstance(v, bool) and tp is not bool:
@@ -285,7 +292,7 @@ def _build(cls: type[R], data: Any) -> R:
     if not isinstance(data, dict):
         raise TypeError("an object")
     kwargs = {}
-    for name, check in _checks(cls).items():
+    for name, check in _checks(cls).items():  # type: ignore[arg-type]  # a class is hashable
         if name in data:
             try:
                 kwargs[name] = check(data[name])

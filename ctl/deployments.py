@@ -52,7 +52,7 @@ _UNITS = {"": 1, "b": 1,
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # deployment_problem names record fields; the operator typed flags.
 _FLAGS = {"name": "NAME", "model": "--model", "replicas": "--replicas", "gpus": "--gpus",
-          "memory_bytes": "--memory"}
+          "memory_bytes": "--memory", "cpus": "--cpus"}
 
 
 Table = Callable[[Sequence[str], Sequence[Sequence[str]]], str]
@@ -89,6 +89,17 @@ def _count(text: str) -> int:
         value = -1
     if value < 0:
         raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def _cores(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a number of cores such as 4 or 0.5, got {text!r}") from None
+    if not 0.01 <= value <= 4096:
+        raise argparse.ArgumentTypeError(f"expected 0.01 to 4096 cores, got {text!r}")
     return value
 
 
@@ -158,6 +169,8 @@ def add_parsers(verbs: Any) -> None:
                    help="engine argument (repeatable; --arg --dtype or --arg=--dtype=half)")
     d.add_argument("--env", action="append", type=_env, default=[], metavar="NAME=VALUE",
                    help="container environment variable (repeatable)")
+    d.add_argument("--cpus", type=_cores, default=None, metavar="CORES",
+                   help="CPU quota per replica in cores, fractions allowed (default none)")
     s = verbs.add_parser("scale", help="change a deployment's replicas")
     s.add_argument("name", metavar="NAME")
     s.add_argument("replicas", metavar="N", type=_count)
@@ -177,7 +190,8 @@ def build_record(args: argparse.Namespace, now: float) -> DeploymentRecord:
         gpus=1 if args.gpus is None else args.gpus, memory_bytes=args.memory,
         vendors=list(dict.fromkeys(args.vendor)), nodes=list(dict.fromkeys(args.node)),
         labels=dict(args.label), image=args.image or None, args=list(args.arg),
-        env=dict(args.env), placement=args.policy, created_at=now, updated_at=now)
+        env=dict(args.env), placement=args.policy, cpus=args.cpus, created_at=now,
+        updated_at=now)
     problem = deployment_problem(record)
     if problem:
         field, _, why = problem.removeprefix("field '").partition("': ")

@@ -625,3 +625,19 @@ def test_whole_fleet_stays_within_capacity_under_many_deployments(policy: str) -
             for i in range(30)]
     p = run(deps, nodes)
     assert sum(s.placed for s in p.status.values()) > 0
+
+
+def test_a_cpu_quota_goes_only_to_nodes_with_the_cores_and_into_the_assignment() -> None:
+    small = dataclasses.replace(node("small", 2), cpu_count=4)
+    big = dataclasses.replace(node("big", 2), cpu_count=16)
+    p = run([dep(cpus=8.0, replicas=2)], [small, big])
+    assert set(per_node(p)) == {"big"}
+    assert all(a.cpus == 8.0 for a in p.assignments)
+    too_much = run([dep(cpus=32.0)], [small, big])
+    assert "at least 32 CPUs" in reason(too_much)
+
+
+def test_a_deployment_without_a_quota_keeps_its_generation_from_before_quotas() -> None:
+    # Upgrading the placer must not re-place every replica of the fleet.
+    assert generation(dep()) == generation(dataclasses.replace(dep(), cpus=None))
+    assert generation(dep(cpus=2.0)) != generation(dep())

@@ -110,3 +110,35 @@ def test_default_engine_images_are_pinned_and_match_the_dockerfiles() -> None:
         image = PROFILES[key].image
         assert image == base, (folder, image, base)
         assert image is not None and not image.endswith(":latest")
+
+
+def test_a_cpu_quota_is_in_the_spec_and_the_hash() -> None:
+    plain = spec("sim", vendor=None)
+    quota = spec("sim", vendor=None, cpus=0.5, cpuset="0-1")
+    assert quota.nano_cpus == 500_000_000 and quota.cpuset_cpus == "0-1"
+    assert plain.nano_cpus is None and plain.cpuset_cpus is None
+    assert quota.config_hash != plain.config_hash
+    assert spec("sim", vendor=None, cpus=1.0).config_hash != quota.config_hash
+
+
+def test_an_upgrade_that_adds_the_quota_fields_keeps_every_existing_hash() -> None:
+    # Containers created before the quota existed were hashed without those fields: a spec
+    # with no quota must hash the same, or every engine of the fleet is recreated.
+    import hashlib
+
+    import orjson
+
+    s = spec("sim", vendor=None)
+    before = {k: v for k, v in dataclasses.asdict(dataclasses.replace(s, labels={})).items()
+              if k not in ("nano_cpus", "cpuset_cpus")}
+    digest = hashlib.sha256(orjson.dumps(before, option=orjson.OPT_SORT_KEYS)).hexdigest()
+    assert s.config_hash == digest[:16]
+
+
+def test_a_quota_beyond_the_node_is_refused_with_the_reason() -> None:
+    from agent.docker.spec import quota_problem
+
+    cores = {0, 1}
+    assert quota_problem(2.0, "0-1", cores) is None
+    assert "exceeds this node's 2 usable cores" in (quota_problem(4.0, None, cores) or "")
+    assert "names CPUs this node cannot use: 2,3" in (quota_problem(None, "1-3", cores) or "")

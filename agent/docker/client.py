@@ -129,9 +129,10 @@ class DockerAdapter:
             environment=spec.env, labels=spec.labels, network_mode=spec.network,
             ports=spec.ports or None, devices=spec.devices or None,
             group_add=spec.group_add or None, volumes=spec.volumes, mem_limit=spec.mem_limit,
+            nano_cpus=spec.nano_cpus, cpuset_cpus=spec.cpuset_cpus,
             security_opt=spec.security_opt, privileged=False, device_requests=device_requests(spec),
             detach=True)
-        return container.id
+        return container.id  # type: ignore[return-value]  # stubs: None only before create
 
     async def create(self, spec: ContainerSpec) -> str:
         """Create (not start) the container; returns its id."""

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 import orjson
 
-from agent.config import BackendConfig
+from agent.config import BackendConfig, cpuset_cores
 from agent.engines import resolve
 from common.records import GpuRecord, Vendor
 
@@ -26,6 +26,9 @@ LABEL_HASH = "aivmm.config-hash"
 LABEL_DEPLOYMENT = "aivmm.deployment"
 LABEL_PORT = "aivmm.port"
 MODELS_MOUNT = "/models"
+# Fields added to the spec after containers already ran with it: they enter the config hash
+# only when set, so that upgrading the agent does not recreate every engine of the fleet.
+_ADDED_LATER = frozenset({"nano_cpus", "cpuset_cpus"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +55,8 @@ class ContainerSpec:
     group_add: list[str]
     volumes: dict[str, dict[str, str]]
     mem_limit: str | None
+    nano_cpus: int | None  # Docker's CPU quota: cores x 1e9
+    cpuset_cpus: str | None
     security_opt: list[str]
     health_path: str
     api_path: str
@@ -122,17 +127,36 @@ def build_spec(node: str, backend: BackendConfig, gpus: Sequence[GpuRecord],
         group_add=groups,
         volumes={models_dir: {"bind": MODELS_MOUNT, "mode": "ro"}},
         mem_limit=backend.memory_limit,
+        nano_cpus=None if backend.cpus is None else round(backend.cpus * 1e9),
+        cpuset_cpus=backend.cpuset,
         security_opt=["no-new-privileges"],
         health_path=launch.health_path,
         api_path=launch.api_path,
         url=backend_url(advertise_host, backend.port),
     )
-    digest = hashlib.sha256(orjson.dumps(asdict(spec), option=orjson.OPT_SORT_KEYS))
+    defined = {k: v for k, v in asdict(spec).items() if not (k in _ADDED_LATER and v is None)}
+    digest = hashlib.sha256(orjson.dumps(defined, option=orjson.OPT_SORT_KEYS))
     labels = {LABEL_MANAGED: "true", LABEL_NODE: node, LABEL_BACKEND: backend.name,
               LABEL_HASH: digest.hexdigest()[:16], LABEL_PORT: str(backend.port)}
     if deployment is not None:
         labels[LABEL_DEPLOYMENT] = deployment
     return replace(spec, labels=labels)
+
+
+def quota_problem(cpus: float | None, cpuset: str | None, cores: set[int]) -> str | None:
+    """Why a CPU quota cannot be honoured on a node whose usable CPUs are ``cores``, or None.
+
+    Docker would accept a quota above the node's cores (and enforce nothing), and refuse a
+    cpuset naming a CPU the node lacks only when the container starts: say it first.
+    """
+    if cpus is not None and cpus > len(cores):
+        return f"cpus {cpus:g} exceeds this node's {len(cores)} usable cores"
+    if cpuset is not None:
+        missing = sorted(cpuset_cores(cpuset) - cores)
+        if missing:
+            return (f"cpuset {cpuset} names CPUs this node cannot use: "
+                    + ",".join(map(str, missing)))
+    return None
 
 
 def backend_url(host: str, port: int) -> str:
