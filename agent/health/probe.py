@@ -1,52 +1,29 @@
 """Probing a backend: health path, /v1/models, and the engine's own /metrics.
 
-The parser and the EWMA are pure; :class:`Prober` is the thin aiohttp shell around them.
+The parser (agent/health/load.py) and the EWMA are pure; :class:`Prober` is the thin aiohttp
+shell around them. A probe never raises, whatever the engine answers: every body is read up
+to :data:`MAX_BODY_BYTES` and no further, and an answer that cannot be read or decoded is a
+failed probe (health, /v1/models) or no load readings (/metrics).
 """
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 
 import aiohttp
 
+from agent.health.load import parse_load
 from common.records import BackendLoad
 
-_RUNNING = "vllm:num_requests_running"
-_WAITING = "vllm:num_requests_waiting"
-_KV = "vllm:gpu_cache_usage_perc"
+# The most of an answer the prober reads: an engine's real /metrics is far under it; of a
+# larger answer nothing is used and no more is read (a 50 MB flood costs 1 MiB at most).
+MAX_BODY_BYTES = 1 << 20
+_CHUNK = 64 << 10
 
-
-def parse_vllm_load(text: str) -> BackendLoad | None:
-    """The three vLLM load series from Prometheus text; None when the engine has none.
-
-    Series with several label sets (one per model) are summed; the cache ratio is the max.
-    """
-    sums: dict[str, float] = {}
-    for line in text.splitlines():
-        if not line.startswith("vllm:"):
-            continue
-        name_part, _, value = line.rpartition(" ")
-        name = name_part.split("{", 1)[0].strip()
-        if name not in (_RUNNING, _WAITING, _KV):
-            continue
-        try:
-            number = float(value)
-        except ValueError:
-            continue
-        if name == _KV:
-            sums[name] = max(sums.get(name, 0.0), number)
-        else:
-            sums[name] = sums.get(name, 0.0) + number
-    if not sums:
-        return None
-    running = sums.get(_RUNNING)
-    waiting = sums.get(_WAITING)
-    return BackendLoad(
-        running=None if running is None else int(running),
-        waiting=None if waiting is None else int(waiting),
-        kv_cache_usage=sums.get(_KV),
-    )
+# The pure parser lives in agent/health/load.py; the old name stays for its callers.
+parse_vllm_load = parse_load
 
 
 def lists_model(body: object, model: str) -> bool:
@@ -106,24 +83,43 @@ class Prober:
         started = time.monotonic()
         try:
             async with session.get(url + health_path) as resp:
-                await resp.read()
+                await _read_capped(resp)  # what it says does not matter; a flood is cut off
                 latency = time.monotonic() - started
                 if resp.status // 100 != 2:
                     return ProbeResult(False, latency, None, f"health answered {resp.status}")
             async with session.get(url + api_path + "/models") as resp:
-                body = await resp.json(content_type=None) if resp.status == 200 else None
+                raw = await _read_capped(resp) if resp.status == 200 else None
+            body = None if raw is None else json.loads(raw)
             if not lists_model(body, model):
                 return ProbeResult(False, latency, None,
                                    f"{api_path}/models does not list {model}")
-        except (TimeoutError, aiohttp.ClientError, ValueError) as err:
+        # ValueError: bad JSON or bad UTF-8; RecursionError: JSON nested a million deep.
+        except (TimeoutError, aiohttp.ClientError, ValueError, RecursionError) as err:
             return ProbeResult(False, None, None, f"probe failed: {err!r}")
         return ProbeResult(True, latency, await self._load(url), None)
 
     async def _load(self, url: str) -> BackendLoad | None:
+        """The engine's load readings from its /metrics; None when it gives none we can use."""
         try:
             async with self._client().get(url + "/metrics") as resp:
                 if resp.status != 200:
                     return None
-                return parse_vllm_load(await resp.text())
-        except (TimeoutError, aiohttp.ClientError, UnicodeDecodeError):
+                body = await _read_capped(resp)
+        except Exception:  # the readings are optional; the probe goes on
             return None
+        return None if body is None else parse_load(body)
+
+
+async def _read_capped(resp: aiohttp.ClientResponse,
+                       limit: int = MAX_BODY_BYTES) -> bytes | None:
+    """The body of ``resp`` if it is at most ``limit`` bytes; None (read no further) if not."""
+    if resp.content_length is not None and resp.content_length > limit:
+        return None
+    chunks: list[bytes] = []
+    size = 0
+    while chunk := await resp.content.read(_CHUNK):
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
