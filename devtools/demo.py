@@ -1,12 +1,16 @@
 """`make demo` / `make down`: a whole aivmm cluster on this machine, and real requests through it.
 
 ``up`` starts (or reuses) etcd and a Docker engine, builds the sim image, starts two agents as
-two nodes (``demo-a`` and ``demo-b``, each running one sim backend of the same model with a
-different latency; ``demo-a`` reports two AMD GPUs and ``demo-b`` an Intel Arc from fake sysfs
-trees, see docs/cluster.md) and one scheduler, waits until both backends are ready, then
+two nodes (``demo-a`` reports two AMD GPUs and ``demo-b`` an Intel Arc from fake sysfs trees,
+see docs/cluster.md; neither agent.toml names a backend) and one scheduler, whose elected
+placer places deployments. Once both nodes registered it runs the operator's own
+``aivmmctl deploy demo --model demo-model --engine sim --replicas 2 --gpus 1``: the spread
+policy puts one replica on each node, one on an AMD GPU and one on the Arc (sim engines hold
+their GPU "on paper"). It waits until both replicas are ready, shows ``aivmmctl deployments``,
 sends a chat completion and a streamed one through the scheduler with the ``openai`` package,
-and shows ``aivmmctl status``. The cluster keeps running; ``down`` stops everything ``up``
-started and removes its containers.
+and shows ``aivmmctl status``. The cluster keeps running; ``down`` undeploys, stops
+everything ``up`` started and removes its containers. ``up`` twice in a row restarts the
+daemons, which adopt the running replicas; the deploy is then an unchanged update.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -35,11 +41,16 @@ STATE = RUN / "state.json"
 DOCKER_DIR = Path("/tmp/aivmm-demo-docker")
 SYSTEM_DOCKER = "/var/run/docker.sock"
 ETCD_PORT, ETCD_PEER_PORT = 23790, 23800
+PREFIX = "/aivmm/v1"
 SCHEDULER = "127.0.0.1:8080"
 MODEL = "demo-model"
-NODES = {  # node -> (agent listen port, backend port, sim time to first token in ms)
-    "demo-a": (9411, 8101, 20),
-    "demo-b": (9412, 8102, 80),
+DEPLOYMENT = "demo"
+REPLICAS = 2
+# node -> (agent listen port, label rack, the ports it gives deployment replicas). The agents
+# share this host's loopback and replicas use host networking: each agent its own port range.
+NODES = {
+    "demo-a": (9411, "r1", "20100-20119"),
+    "demo-b": (9412, "r2", "20200-20219"),
 }
 
 
@@ -142,55 +153,120 @@ def ensure_docker(state: dict[str, Any]) -> str:
 
 
 def agent_config(node: str, etcd: str, docker_host: str) -> Path:
-    listen, port, latency = NODES[node]
+    listen, rack, ports = NODES[node]
     sysfs = RUN / node / "sys"
     fake_gpus(node, sysfs)
     models = RUN / "models"
     models.mkdir(parents=True, exist_ok=True)
     path = RUN / f"{node}.toml"
+    # No [[backend]]: what runs here is what the placer assigns (aivmmctl deploy).
     path.write_text(f"""\
 node_name = "{node}"
 etcd = ["{etcd}"]
 listen = "127.0.0.1:{listen}"
 advertise_host = "127.0.0.1"
 heartbeat_interval = 2.0
-lease_ttl = 6
+lease_ttl = 10  # the time a restarted agent has to take its records over
 docker_host = "{docker_host}"
 models_dir = "{models}"
 sysfs_root = "{sysfs}"
+assignment_ports = "{ports}"  # each agent on this host its own range
 
-[[backend]]
-name = "sim"
-model = "{MODEL}"
-engine = "sim"
-gpus = []  # the sim computes nothing: it leaves the node's GPUs to real engines
-port = {port}
-env = {{ SIM_LATENCY_MS = "{latency}", SIM_TOKENS_PER_SECOND = "200", SIM_NAME = "{node}" }}
+[labels]
+rack = "{rack}"
 """)
     return path
 
 
-async def wait_ready(etcd: str, count: int, within: float) -> list[Any]:
+def ctl(etcd: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run the operator's ``aivmmctl`` against the demo's etcd, echoing the command."""
+    say("$ aivmmctl " + " ".join(args))
+    done = subprocess.run([sys.executable, "-m", "ctl.main", "--etcd", etcd, *args], cwd=ROOT,
+                          check=False, timeout=60, text=True, capture_output=True)
+    for line in (done.stdout + done.stderr).rstrip("\n").splitlines():
+        print(f"  {line}", flush=True)
+    if check and done.returncode != 0:
+        raise SystemExit(f"[demo] aivmmctl {args[0]} exited {done.returncode}")
+    return done
+
+
+async def wait_registered(etcd: str, within: float) -> None:
+    """Until both demo nodes and their GPUs are in etcd (the placer places on those)."""
     from ctl.main import fetch
 
     deadline = time.monotonic() + within
     last = ""
     while True:
-        view = await fetch([etcd], "/aivmm/v1", 3.0)
-        ready = [b for b in view["backends"] if b.state == "ready" and MODEL in b.models]
-        states = ", ".join(f"{b.node}/{b.name}={b.state}" for b in view["backends"]) or "none"
-        if states != last:
-            say(f"backends: {states}")
-            last = states
-        if len(ready) >= count:
-            return ready
+        view = await fetch([etcd], PREFIX, 3.0)
+        seen = {n.node: n for n in view["nodes"]}
+        text = ", ".join(f"{name} ({', '.join(f'{g.vendor} {g.name}' for g in n.gpus)}"
+                         f"; rack={n.labels.get('rack', '-')})"
+                         for name, n in sorted(seen.items()) if name in NODES) or "none yet"
+        if text != last:
+            say(f"nodes: {text}")
+            last = text
+        if all(node in seen and seen[node].gpus for node in NODES):
+            return
         if time.monotonic() > deadline:
-            raise TimeoutError(f"backends not ready after {within:.0f}s; see {RUN}/*.log")
+            raise TimeoutError(f"nodes not registered after {within:.0f}s; see {RUN}/*.log")
         await asyncio.sleep(0.5)
 
 
-def talk() -> None:
+def _replica_text(r: dict[str, Any]) -> str:
+    gpus = ",".join(str(g) for g in r["gpus"]) or "-"
+    state = (r["state"] or "assigned") if r["assigned"] else f"{r['state']} (removing)"
+    return f"{r['node']}/{r['backend']} ({r['vendor'] or 'no'} GPU {gpus}) {state}"
+
+
+async def wait_deployed(etcd: str, within: float) -> dict[str, Any]:
+    """Until the demo deployment has all its replicas placed and ready, and nothing else."""
+    from ctl.main import fetch
+
+    deadline = time.monotonic() + within
+    last = ""
+    while True:
+        view = await fetch([etcd], PREFIX, 3.0)
+        mine: dict[str, Any] | None = next(
+            (v for v in view["deployments"] if v["name"] == DEPLOYMENT), None)
+        if mine is None:
+            text = "no deployment record yet"
+        else:
+            text = (f"desired {mine['desired']}, placed {mine['placed']}, ready {mine['ready']}"
+                    + "".join(f"; {_replica_text(r)}" for r in mine["replicas"]))
+            if mine["pending"]:
+                text += f"; pending {mine['pending']}: {'; '.join(mine['reasons'])}"
+        if text != last:
+            say(f"deployment {DEPLOYMENT}: {text}")
+            last = text
+        if mine is not None and mine["placed"] == mine["desired"] == REPLICAS and all(
+                r["assigned"] and r["state"] == "ready" for r in mine["replicas"]) and \
+                len(mine["replicas"]) == REPLICAS:
+            return mine
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"deployment {DEPLOYMENT} not ready after {within:.0f}s; see "
+                               f"aivmmctl deployments and {RUN}/*.log")
+        await asyncio.sleep(0.5)
+
+
+def scheduler_sees(count: int) -> bool:
+    """The scheduler is ready and routes to at least ``count`` ready backends."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://{SCHEDULER}/readyz", timeout=2) as resp:
+            body = orjson.loads(resp.read())
+    except (OSError, urllib.error.URLError):
+        return False
+    return bool(body.get("ready")) and body.get("backends", {}).get("ready", 0) >= count
+
+
+def talk(where: dict[str, str]) -> None:
     from openai import OpenAI
+
+    def served(raw: Any) -> str:
+        key = raw.headers.get("x-aivmm-backend") or "?"
+        return f"{key}, {where[key]}" if key in where else key
 
     client = OpenAI(base_url=f"http://{SCHEDULER}/v1", api_key="demo", max_retries=0)
     raw = client.chat.completions.with_raw_response.create(
@@ -198,13 +274,25 @@ def talk() -> None:
         max_tokens=16)
     answer = raw.parse()
     say(f"chat answer: {answer.choices[0].message.content!r}")
-    say(f"  served by {raw.headers.get('x-aivmm-backend')}, usage {answer.usage}")
-    raw = client.chat.completions.with_raw_response.create(
+    tokens = answer.usage.completion_tokens if answer.usage else "?"
+    say(f"  served by {served(raw)}, {tokens} tokens")
+    streamed = client.chat.completions.with_raw_response.create(
         model=MODEL, messages=[{"role": "user", "content": "Stream me a few words."}],
         max_tokens=16, stream=True)
-    chunks = [c.choices[0].delta.content or "" for c in raw.parse() if c.choices]
+    chunks = [c.choices[0].delta.content or "" for c in streamed.parse() if c.choices]
     say(f"streamed answer ({len(chunks)} chunks): {''.join(chunks)!r}")
-    say(f"  served by {raw.headers.get('x-aivmm-backend')}")
+    say(f"  served by {served(streamed)}")
+
+    def ping(_: int) -> str:
+        raw = client.chat.completions.with_raw_response.create(
+            model=MODEL, messages=[{"role": "user", "content": "ping"}], max_tokens=8)
+        raw.parse()
+        return raw.headers.get("x-aivmm-backend") or "?"
+
+    with ThreadPoolExecutor(4) as pool:
+        tally = Counter(pool.map(ping, range(24)))
+    say("24 more, 4 at a time, by replica: " + ", ".join(
+        f"{k} ({where.get(k, '?')}) {n}" for k, n in sorted(tally.items())))
 
 
 def up() -> None:
@@ -219,35 +307,53 @@ def up() -> None:
     image = build_image(docker_host)
     say(f"sim image {image}")
 
-    # Restarting the daemons on a second `make demo` shows adoption: the backends keep running.
-    for name in ["scheduler", *NODES]:
-        terminate(state.get(f"{name}_pid"))
+    # A second `make demo` restarts the daemons and they adopt the running replicas. Each agent
+    # is replaced as soon as its predecessor exits: the node record lives on the old agent's
+    # lease (lease_ttl), and were it to expire first the placer would move the node's
+    # replicas, and the new agent would remove its container to start it again.
     for node in NODES:
         cfg = agent_config(node, etcd, docker_host)
+        if alive(state.get(f"{node}_pid")):
+            say(f"agent {node}: replacing the running one")
+            terminate(state.get(f"{node}_pid"))
         state[f"{node}_pid"] = spawn(node, ["-m", "agent.main", "--config", str(cfg)])
         state[f"{node}_config"] = str(cfg)
         say(f"agent {node} started (config {cfg}, log {RUN / (node + '.log')})")
+    terminate(state.get("scheduler_pid"))
     state["scheduler_pid"] = spawn("scheduler", ["-m", "scheduler.main", "--etcd", etcd,
                                                  "--listen", SCHEDULER, "--config",
                                                  str(write_scheduler_config())])
-    say(f"scheduler started on http://{SCHEDULER} (log {RUN / 'scheduler.log'})")
+    say(f"scheduler started on http://{SCHEDULER}, the placer among its roles "
+        f"(log {RUN / 'scheduler.log'})")
     save_state(state)
 
-    ready = asyncio.run(wait_ready(etcd, len(NODES), within=120))
-    say(f"{len(ready)} backends ready: " + ", ".join(f"{b.node}/{b.name} at {b.url}"
-                                                       for b in ready))
-    wait_until(lambda: _http_ok(f"http://{SCHEDULER}/readyz"), 30, "the scheduler to be ready")
-    talk()
+    asyncio.run(wait_registered(etcd, within=60))
+    ctl(etcd, "deploy", DEPLOYMENT, "--model", MODEL, "--engine", "sim",
+        "--replicas", str(REPLICAS), "--gpus", "1")
+    view = asyncio.run(wait_deployed(etcd, within=120))
+    where = {f"{r['node']}/{r['backend']}":
+             f"{r['vendor']} GPU {','.join(str(g) for g in r['gpus'])}"
+             for r in view["replicas"]}
+    say(f"{REPLICAS} replicas ready: " + "; ".join(f"{k} on {v}" for k, v in where.items()))
+    say("the placement as aivmmctl sees it:")
+    ctl(etcd, "deployments")
+    wait_until(lambda: scheduler_sees(REPLICAS), 30,
+               f"the scheduler to route to {REPLICAS} ready replicas")
+    talk(where)
     say("the cluster as aivmmctl sees it:")
-    subprocess.run([sys.executable, "-m", "ctl.main", "--etcd", etcd, "status"], cwd=ROOT,
-                   check=False, timeout=30)
+    ctl(etcd, "status", check=False)
+    ctl_cmd = f".venv/bin/aivmmctl --etcd {etcd}"
     print(f"""
 The cluster keeps running. Look further:
-  .venv/bin/aivmmctl --etcd {etcd} status       nodes, GPUs, backends
-  curl http://{SCHEDULER}/v1/models             the models the fleet serves
-  http://{SCHEDULER}/                           the scheduler's status page
-  curl http://{SCHEDULER}/metrics               scheduler metrics (agents: :9411, :9412)
-  make down                                     stop everything and remove the containers
+  {ctl_cmd} status         nodes, GPUs, backends, deployments
+  {ctl_cmd} deployments    where each replica runs
+  {ctl_cmd} scale demo 3   a third replica, on demo-a's second Radeon
+  {ctl_cmd} undeploy demo  the replicas are stopped and their containers removed
+  curl http://{SCHEDULER}/v1/models      the models the fleet serves
+  http://{SCHEDULER}/                    the scheduler's status page
+  curl http://{SCHEDULER}/metrics        scheduler metrics (agents: :9411, :9412)
+  docker -H {docker_host} ps -a   the replicas' containers
+  make down    undeploy, stop everything this started and remove its containers
 """)
 
 
@@ -257,11 +363,39 @@ def write_scheduler_config() -> Path:
     return path
 
 
-def _http_ok(url: str) -> bool:
-    import urllib.request
+async def replicas_left(etcd: str) -> int:
+    """The demo deployment's assignments and backend records still in etcd."""
+    from common.deployview import read_records
+    from common.keys import Keys
+    from common.store import EtcdStore
+    from ctl.main import fetch
 
-    with urllib.request.urlopen(url, timeout=2) as resp:
-        return resp.status == 200
+    keys = Keys(PREFIX)
+    async with EtcdStore([etcd], timeout=3.0) as store:
+        records = await read_records(store, keys)
+    view = await fetch([etcd], PREFIX, 3.0)
+    return sum(1 for a in records.assignments if a.deployment == DEPLOYMENT) + \
+        sum(1 for b in view["backends"] if b.deployment == DEPLOYMENT)
+
+
+def undeploy(state: dict[str, Any]) -> None:
+    """``aivmmctl undeploy demo`` while the placer and agents still run, so etcd is left with
+    no deployment, assignment or replica record (a later ``up`` starts from nothing)."""
+    etcd = f"http://127.0.0.1:{ETCD_PORT}"
+    with contextlib.suppress(OSError):
+        if not etcd_answers(etcd):
+            return
+    if ctl(etcd, "undeploy", DEPLOYMENT, check=False).returncode != 0:
+        return
+    if not (alive(state.get("scheduler_pid")) and all(alive(state.get(f"{n}_pid"))
+                                                       for n in NODES)):
+        return  # no placer or agent to act on it: the drain below removes the containers
+    try:
+        wait_until(lambda: asyncio.run(replicas_left(etcd)) == 0, 30,
+                   "the replicas to be removed", interval=0.5)
+        say("replicas removed")
+    except TimeoutError:
+        say("replicas still listed after 30s; the drain below removes their containers")
 
 
 def down() -> None:
@@ -269,6 +403,7 @@ def down() -> None:
     if not state:
         say("nothing to stop")
         return
+    undeploy(state)
     terminate(state.get("scheduler_pid"))
     for node in NODES:
         terminate(state.get(f"{node}_pid"))
