@@ -54,7 +54,7 @@ def run(deps: Sequence[DeploymentRecord], nodes: Sequence[NodeRecord],
         avoid: Mapping[str, Collection[str]] | None = None, now: float = NOW) -> Placement:
     reserved = reserved or {}
     p = place(deps, nodes, current, reserved=reserved, drained=drained, avoid=avoid, now=now)
-    assert_valid(p, deps, nodes, reserved, drained, avoid or {})
+    assert_valid(p, deps, nodes, reserved, drained, avoid or {}, current)
     return p
 
 
@@ -74,8 +74,12 @@ def reason(p: Placement, deployment: str = "d") -> str:
 
 def assert_valid(p: Placement, deps: Sequence[DeploymentRecord], nodes: Sequence[NodeRecord],
                  reserved: Mapping[str, Collection[str]], drained: Collection[str],
-                 avoid: Mapping[str, Collection[str]]) -> None:
-    """What must hold of any placement: capacity, constraints, live nodes, honest status."""
+                 avoid: Mapping[str, Collection[str]],
+                 current: Sequence[AssignmentRecord] = ()) -> None:
+    """What must hold of any placement: capacity, constraints, live nodes, honest status.
+
+    An avoided node takes no new replica of that deployment; one already there may stay.
+    """
     by_name = {d.name: d for d in deps}
     live = {n.node: n for n in nodes}
     whole: set[tuple[str, int]] = set()
@@ -86,7 +90,8 @@ def assert_valid(p: Placement, deps: Sequence[DeploymentRecord], nodes: Sequence
     for a in p.assignments:
         d = by_name[a.deployment]
         n = live[a.node]
-        assert a.node not in drained and a.node not in avoid.get(d.name, ())
+        assert a.node not in drained
+        assert a in current or a.node not in avoid.get(d.name, ())
         assert 0 <= a.replica < d.replicas and (d.name, a.replica) not in replicas
         replicas.add((d.name, a.replica))
         assert a.generation == generation(d)
@@ -427,13 +432,20 @@ def test_a_drained_nodes_replicas_move() -> None:
     assert reason(p) == "no eligible node: 1 matching, 1 drained"
 
 
-def test_avoided_nodes_are_ineligible_for_that_deployment_only() -> None:
+def test_avoided_nodes_take_no_new_replica_of_that_deployment_and_keep_theirs() -> None:
     nodes = [node("a", 2), node("b", 2)]
-    first = run([dep("d"), dep("e")], nodes)
-    assert where(first, "d") == {0: ("a", [0])}
-    p = run([dep("d"), dep("e")], nodes, first.assignments, avoid={"d": {"a"}})
-    assert where(p, "d") == {0: ("b", [1])}
+    first = run([dep("d", replicas=2), dep("e")], nodes)
+    assert {n for n, _ in where(first, "d").values()} == {"a", "b"}
+    # The replica that failed on a is dropped by the placer (given up on); its healthy
+    # neighbour on b stays, and the new one may not go back to a.
+    current = [x for x in first.assignments if not (x.deployment == "d" and x.node == "a")]
+    p = run([dep("d", replicas=2), dep("e")], nodes, current, avoid={"d": {"a"}})
+    assert sorted(n for n, _ in where(p, "d").values()) == ["b", "b"]
     assert where(p, "e") == where(first, "e")
+    # A replica already on an avoided node is not moved for its neighbour's failure.
+    kept = run([dep("d", replicas=2), dep("e")], nodes, first.assignments,
+               avoid={"d": {"a"}})
+    assert where(kept, "d") == where(first, "d")
     p = run([dep("d")], nodes[:1], avoid={"d": {"a"}})
     assert reason(p) == "no eligible node: 1 matching, 1 avoided after a failed start"
 
@@ -582,7 +594,7 @@ def test_property_any_fleet_any_history(data: st.DataObject) -> None:
     for a in first.assignments:
         d = by_name.get(a.deployment)
         if (d is not None and generation(d) == a.generation and a.replica < d.replicas
-                and a.node in live and a.node not in avoid.get(d.name, ())):
+                and a.node in live):
             assert a in second.assignments
     # Placing the same inputs again changes nothing.
     third = run(later, alive, second.assignments, reserved=reserved, drained=drained,

@@ -263,11 +263,22 @@ def test_a_replica_that_became_ready_starts_its_timer_again() -> None:
 def test_restarts_without_becoming_ready_give_up_at_once() -> None:
     f = StartFailures(replace_after=100, max_restarts=3)
     a = assignment("d", 0, "n1", assigned_at=50)
+    assert f.observe(fleet(a, backend("n1", "d-0", "unhealthy", restarts=0)), 50) == []
     assert f.observe(fleet(a, backend("n1", "d-0", "unhealthy", restarts=2)), 50) == []
     [line] = f.observe(fleet(a, backend("n1", "d-0", "unhealthy", restarts=3,
                                         error="exit 1")), 51)
     assert "exit 1" in line
     assert f.avoid(51) == {"d": {"n1"}}
+    assert f.given_up == {"/p/assignments/n1/d-0"} or len(f.given_up) == 1
+
+
+def test_restarts_from_before_it_stopped_being_ready_do_not_count() -> None:
+    # Weeks of occasional crashes add up; one blink must not move the replica at once.
+    f = StartFailures(replace_after=100, max_restarts=3)
+    a = assignment("d", 0, "n1", assigned_at=0)
+    assert f.observe(fleet(a, backend("n1", "d-0", "unhealthy", restarts=40)), 500) == []
+    assert f.observe(fleet(a, backend("n1", "d-0", "unhealthy", restarts=41)), 501) == []
+    assert f.given_up == set()
 
 
 def test_a_dead_nodes_replica_is_not_counted_as_a_failed_start() -> None:

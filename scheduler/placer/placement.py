@@ -98,10 +98,14 @@ class _Want:
     gen: str
     mode: Mode
     vendors: tuple[Vendor, ...]  # eligible GPU vendors (empty in mode "none")
-    nodes: list[_Node]  # eligible nodes, by name
+    nodes: list[_Node]  # eligible nodes for new replicas, by name
+    # Nodes where a replica may stay: those eligible, and those avoided after another
+    # replica's failed start there (a healthy replica is not moved for its neighbour).
     names: frozenset[str]
     # Why nothing of this deployment can be placed whatever the load; None: it can try.
     blocked: str | None = None
+    # Why no new replica can go anywhere, while existing ones may stay.
+    nowhere: str | None = None
 
 
 def place(deployments: Sequence[DeploymentRecord], nodes: Sequence[NodeRecord],
@@ -209,18 +213,23 @@ def _resolve(d: DeploymentRecord, fleet: Mapping[str, _Node], alive: int,
         if d.cpus is not None:
             wanted.append(f"at least {d.cpus:g} CPUs")
         return blocked(f"no node matches: {' and '.join(wanted)} ({alive} nodes alive)")
-    eligible = [n for n in matching if n.name not in drained and n.name not in avoided]
+    usable = [n for n in matching if n.name not in drained]
+    eligible = [n for n in usable if n.name not in avoided]
+    nowhere = None
     if not eligible:
-        n_drained = sum(n.name in drained for n in matching)
-        n_avoided = len(matching) - n_drained
+        n_drained = len(matching) - len(usable)
+        n_avoided = len(usable)
         parts = [f"{n_drained} drained"] if n_drained else []
         if n_avoided:
             parts.append(f"{n_avoided} avoided after a failed start")
-        return blocked(f"no eligible node: {len(matching)} matching, {', '.join(parts)}")
+        nowhere = f"no eligible node: {len(matching)} matching, {', '.join(parts)}"
+        if not usable:
+            return blocked(nowhere)
 
-    w = _Want(d, gen, mode, vendors, eligible, frozenset(n.name for n in eligible))
+    w = _Want(d, gen, mode, vendors, eligible, frozenset(n.name for n in usable),
+              nowhere=nowhere)
     if mode != "none" and not any(g.record.vendor in vendors
-                                  for n in eligible for g in n.gpus.values()):
+                                  for n in usable for g in n.gpus.values()):
         w.blocked = f"engine '{d.engine}' runs on {_either(runs)}; no eligible " \
                     f"{_either(vendors)} GPU"
     return w
@@ -373,6 +382,8 @@ def _assignment(w: _Want, replica: int, node: _Node, gpus: list[_Gpu],
 
 def _shortfall(w: _Want) -> str:
     """One line naming what a replica of ``w`` lacks, measured on the eligible nodes."""
+    if w.nowhere is not None:
+        return w.nowhere
     d = w.d
     # Naming all three vendors says nothing ("auto" on any GPU): then name none.
     vendors = "" if set(w.vendors) == set(VENDORS) else _either(w.vendors) + " "

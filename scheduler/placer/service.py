@@ -124,7 +124,7 @@ class FleetView:
 @dataclass(slots=True)
 class _Unready:
     since: float
-    strikes: int = 0
+    restarts: int = 0  # the backend's restart count when it stopped being ready
 
 
 class StartFailures:
@@ -146,10 +146,13 @@ class StartFailures:
         self._unready: dict[str, _Unready] = {}  # assignment key -> since when
         self._avoid: dict[tuple[str, str], float] = {}  # (deployment, node) -> until
         self._strikes: dict[tuple[str, str], int] = {}
+        # Assignments given up on by the last observe(): placed again, elsewhere.
+        self.given_up: set[str] = set()
 
     def observe(self, view: FleetView, now: float) -> list[str]:
         """Note the replicas' states; returns a line for each replica given up on."""
         moved: list[str] = []
+        self.given_up = set()
         seen: set[str] = set()
         for key, a in view.assignments.items():
             seen.add(key)
@@ -159,10 +162,14 @@ class StartFailures:
                 continue
             if view.nodes.get(a.node) is None:
                 continue  # a dead node's replicas move anyway
-            track = self._unready.setdefault(key, _Unready(since=max(now, 0.0)))
-            started = max(track.since, a.assigned_at)
             restarts = backend.restarts if backend is not None else 0
-            if now - started < self.replace_after and restarts < self.max_restarts:
+            track = self._unready.setdefault(key, _Unready(since=max(now, 0.0),
+                                                           restarts=restarts))
+            started = max(track.since, a.assigned_at)
+            # Restarts since it stopped being ready: a lifetime total would move a replica
+            # the first time it blinks after weeks of occasional crashes.
+            recent = restarts - track.restarts
+            if now - started < self.replace_after and recent < self.max_restarts:
                 continue
             pair = (a.deployment, a.node)
             strikes = self._strikes.get(pair, 0)
@@ -170,6 +177,7 @@ class StartFailures:
             hold = min(self.avoid_max, self.avoid_base * 2 ** strikes)
             self._avoid[pair] = now + hold
             self._unready.pop(key, None)
+            self.given_up.add(key)
             why = ("no backend" if backend is None
                    else backend.error or f"{backend.state}, {restarts} restarts")
             moved.append(f"replica {a.name} did not start on {a.node} ({why}); "
@@ -306,8 +314,12 @@ class Placer:
         now = time.time()
         for line in self.failures.observe(view, now):
             log.warning(line)
+        # The replicas given up on are placed as if new (the avoid keeps them off that
+        # node); their neighbours on the same node stay where they are.
+        current = [a for key, a in view.assignments.items()
+                   if key not in self.failures.given_up]
         result = place(list(view.deployments.values()), list(view.nodes.values()),
-                       list(view.assignments.values()), reserved=view.reserved(),
+                       current, reserved=view.reserved(),
                        drained=frozenset(view.drained), avoid=self.failures.avoid(now),
                        now=now)
         statuses = {name: dataclasses.replace(s, placer=self.holder, updated_at=now)
