@@ -19,6 +19,7 @@ services:
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 
 test: $(STAMP) services lint
 	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
