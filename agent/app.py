@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -34,6 +35,7 @@ from agent.health.heartbeat import Heartbeat
 from agent.metrics import AgentMetrics
 from agent.supervisor import Supervisor
 from common import metrics as common_metrics
+from common.audit import AuditWriter
 from common.contexts import STORE, DaemonSpec, init_daemon, notify_ctx, store_ctx
 from common.daemon import STOPPING, split_listen
 from common.keys import Keys
@@ -77,6 +79,9 @@ LIVE: web.AppKey[LiveSettings] = web.AppKey("live", LiveSettings)
 RELOAD: web.AppKey[Callable[[], AgentConfig]] = web.AppKey("reload")
 # How long start-up waits for the previous process's records before going on without them.
 RECOVER_TIMEOUT_S = 3.0
+# What a reload applies; a change to any other key is named in a warning and waits for a
+# restart.
+LIVE_KEYS = frozenset({"backend", "labels"})
 
 
 def agent_version() -> str:
@@ -199,13 +204,18 @@ async def heartbeat_ctx(app: web.Application) -> AsyncIterator[None]:
                      metrics=app[METRICS])
     app[HEARTBEAT] = beat
     sup.on_change = beat.poke
+    # What the supervisor does on its own goes to the audit trail, queued: etcd may be away.
+    trail = AuditWriter(store, keys)
+    sup.on_audit = trail.add
+    app[GUARD].spawn("audit-writer", trail.run())
     app[GUARD].spawn("heartbeat", beat.run())
     app[GUARD].spawn("drain-watch", follow_drain(store, keys, config.node_name, sup.set_drained))
     app[GUARD].spawn("assignment-watch", follow_assignments(
         store, keys, config.node_name, sup.set_assignments,
         on_bad_record=lambda key, why: bad_assignment(app, key, why)))
     yield
-    await app[GUARD].cancel("assignment-watch", "drain-watch", "heartbeat")
+    await app[GUARD].cancel("assignment-watch", "drain-watch", "heartbeat", "audit-writer")
+    sup.on_audit = None
 
 
 def bad_assignment(app: web.Application, key: str, why: str) -> None:
@@ -228,9 +238,8 @@ def reload_config(app: web.Application) -> bool:
         log.error("reload: config not applied: %s", err)
         return False
     old = app[CONFIG]
-    restart_only = [f for f in ("node_name", "listen", "etcd", "etcd_prefix", "advertise_host",
-                                "models_dir", "assignment_ports", "lease_ttl")
-                    if getattr(new, f) != getattr(old, f)]
+    restart_only = [f.name for f in dataclasses.fields(new)
+                    if f.name not in LIVE_KEYS and getattr(new, f.name) != getattr(old, f.name)]
     if restart_only:
         log.warning("reload: these keys change only at a restart: %s", ", ".join(restart_only))
     live = app[LIVE]

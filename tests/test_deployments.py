@@ -374,6 +374,18 @@ async def test_reload_adds_and_removes_a_pinned_backend_live(fleet: DeployFleet)
     await until(lambda: not fleet.containers(), 20, "its container removed")
     assert agent.proc is not None and agent.proc.poll() is None  # never restarted
     assert first.deployment is None
+    # A key a reload cannot apply is named, not silently ignored; a broken file is refused.
+    fleet.agent_config("a", [], probe_interval=0.5)
+    agent.signal(signal.SIGHUP)
+    def named() -> bool:
+        return any("change only at a restart" in line and "probe_interval" in line
+                   for line in agent.output().splitlines())
+    await until(named, 10, "the restart-only key named in the log")
+    config.write_text("this is = = not toml\n")
+    agent.signal(signal.SIGHUP)
+    await until(lambda: "reload: config not applied" in agent.output(), 10,
+                "the broken file refused")
+    assert agent.proc.poll() is None
 
 
 async def _gone(record: Any) -> bool:
