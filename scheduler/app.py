@@ -263,7 +263,7 @@ def build_app(config: SchedulerConfig) -> web.Application:
         connect_timeout=config.connect_timeout, first_byte_timeout=config.first_byte_timeout,
         stream_idle_timeout=config.stream_idle_timeout, request_timeout=config.request_timeout,
         queue_timeout=config.queue_timeout, max_attempts=config.max_attempts,
-        strip_authorization=bool(keys)))
+        strip_authorization=bool(keys), client_write_timeout=config.client_write_timeout))
     registry = Registry(router, Keys(config.etcd_prefix), on_change=proxy.notify,
                         on_bad_record=metrics.bad_records.inc,
                         on_reset=metrics.etcd_resyncs.inc)

@@ -36,6 +36,9 @@ class SchedulerConfig(DaemonConfig):
     connect_timeout: float = setting(3.0, check=positive)
     first_byte_timeout: float = setting(120.0, check=positive)
     stream_idle_timeout: float = setting(60.0, check=positive)
+    # A client that takes longer than this to accept a write (it stopped reading) loses
+    # its response; the backend is not blamed.
+    client_write_timeout: float = setting(30.0, check=positive)
     queue_timeout: float = setting(5.0, check=lambda v: None if v >= 0 else "a number >= 0")
     max_attempts: int = setting(3, check=lambda v: None if v >= 1 else "an integer >= 1")
     retry_budget_ratio: float = setting(

@@ -40,6 +40,10 @@ class SchedulerMetrics:
             "aivmm_scheduler_broken_streams_total",
             "Responses that broke after bytes had reached the client", ["model", "backend"],
             registry=r)
+        self.client_aborts = Counter(
+            "aivmm_scheduler_client_aborts_total",
+            "Requests ended by the client: it disconnected, or stopped reading for "
+            "client_write_timeout", ["reason"], registry=r)
         self.inflight = Gauge(
             "aivmm_scheduler_inflight_requests", "Requests being served now", registry=r)
         self.queued = Gauge(
@@ -68,3 +72,21 @@ class SchedulerMetrics:
         self.placer_bad_records = Counter(
             "aivmm_placer_bad_records_total", "Records the placer skipped as unusable",
             registry=r)
+        # Every metric with a "backend" label, with its label names: a backend that leaves
+        # the table takes its series with it, so /metrics does not grow with every backend
+        # ever seen.
+        self._per_backend: tuple[tuple[Counter | Histogram, tuple[str, ...]], ...] = (
+            (self.requests, ("model", "backend", "status")),
+            (self.ttfb, ("model", "backend")),
+            (self.failovers, ("model", "backend", "reason")),
+            (self.ejections, ("backend",)),
+            (self.broken_streams, ("model", "backend")))
+
+    def forget_backend(self, key: str) -> None:
+        """Drop every series labelled ``backend=key``."""
+        for metric, names in self._per_backend:
+            doomed = {tuple(sample.labels[n] for n in names)
+                      for family in metric.collect() for sample in family.samples
+                      if sample.labels.get("backend") == key}
+            for values in doomed:
+                metric.remove(*values)

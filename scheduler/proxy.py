@@ -5,6 +5,8 @@ unchanged. Nothing reaches the client until the backend's first body chunk has a
 every failure before that point (refused or reset connection, timeout, 502/503/504) can be
 retried on another backend, within ``max_attempts`` and the retry budget. Once bytes have
 been sent nothing is retried: a broken SSE stream ends with an OpenAI error event.
+A client that stops reading is the client's doing, not the backend's: each write to it has
+its own time limit, ``client_write_timeout``.
 """
 
 from __future__ import annotations
@@ -34,7 +36,9 @@ HOP_BY_HOP = frozenset({
 })
 # Request headers the proxy sets itself or that only concern the client's hop. The server
 # has already decoded a compressed request body, so its Content-Encoding no longer holds.
-_DROP_REQUEST = HOP_BY_HOP | {"host", "content-length", "content-encoding"}
+# Expect: 100-continue was answered on the client's hop (the body is read whole before any
+# attempt); passed on, it would make the upstream request wait for a 100 of its own.
+_DROP_REQUEST = HOP_BY_HOP | {"host", "content-length", "content-encoding", "expect"}
 BACKEND_HEADER = "x-aivmm-backend"
 # Bodies with a Content-Length up to this size are read whole before the answer starts.
 WHOLE_BODY_MAX = 1 << 20
@@ -51,6 +55,7 @@ class ProxySettings:
     queue_timeout: float = 5.0
     max_attempts: int = 3
     strip_authorization: bool = False
+    client_write_timeout: float = 30.0
 
 
 class _Failed(Exception):
@@ -61,6 +66,16 @@ class _Failed(Exception):
         self.reason = reason
         self.refused = refused
         self.timeout = timeout
+
+
+class _ClientAbort(Exception):
+    """The client ended a response already under way: it went away, or stopped reading for
+    ``client_write_timeout``. Carries the response for the handler to return."""
+
+    def __init__(self, reason: str, response: web.StreamResponse) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.response = response
 
 
 def _drop_set(headers: Mapping[str, str], base: frozenset[str]) -> frozenset[str]:
@@ -89,6 +104,7 @@ class Proxy:
         self._req_children: dict[tuple[str, str, int], object] = {}
         # (model, backend, reason) of each failover, for the status page's recent list.
         self.on_failover: Callable[[str, str, str], None] = lambda *_: None
+        router.on_remove = self.forget
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -121,6 +137,12 @@ class Proxy:
             child = self.metrics.requests.labels(model, backend, str(status))
             self._req_children[key] = child
         child.inc()  # type: ignore[attr-defined]
+
+    def forget(self, b: Backend) -> None:
+        """``b`` left the table: drop its metric series (and the cached children of them)."""
+        self.metrics.forget_backend(b.key)
+        for key in [k for k in self._req_children if k[1] == b.key]:
+            del self._req_children[key]
 
     def _fail(self, b: Backend, model: str, err: _Failed, now: float) -> None:
         self.metrics.failovers.labels(model, b.key, err.reason).inc()
@@ -180,7 +202,9 @@ class Proxy:
                         headers={"Retry-After": "1"})
             drop = _drop_set(request.headers, self._request_drop)
             headers = [(k, v) for k, v in request.headers.items() if k.lower() not in drop]
-            url_path = request.raw_path
+            # The relative URL, not raw_path: for an absolute-form target
+            # ("POST http://host/v1/...") raw_path is the whole URL.
+            url_path = str(request.rel_url)
             tried: list[Backend] = []
             tried_at: dict[str, int] = {}
 
@@ -202,6 +226,9 @@ class Proxy:
                                                    model, len(tried), still_out()))
                     status = resp.status
                     return resp
+                except _ClientAbort as abort:
+                    status = 499
+                    return abort.response
                 except _Failed as err:
                     last = err
                     now = self.clock()
@@ -229,6 +256,8 @@ class Proxy:
                                   headers={BACKEND_HEADER: backend_key})
         except asyncio.CancelledError:
             status = 499  # the client went away; nginx's code for it
+            if request.transport is None or request.transport.is_closing():
+                self.metrics.client_aborts.labels("disconnected").inc()
             raise
         finally:
             self.metrics.inflight.dec()
@@ -275,10 +304,13 @@ class Proxy:
                     asyncio.IncompleteReadError) as err:
                 raise _Failed("reset") from err
             now = self.clock()
-            if up.status in RETRY_STATUSES:
-                if can_retry():
+            if up.status >= 500:
+                if up.status in RETRY_STATUSES and can_retry():
                     raise _Failed(f"status_{up.status}")
-                # No retry possible: the backend's own 502/503/504 goes to the client as is.
+                # A 5xx the client gets as it is (a 500, or a 502/503/504 with no retry left)
+                # is still the backend failing: it counts towards ejection and earns no
+                # latency sample, or a backend answering 500 at once would look the fastest
+                # and draw nearly all the traffic.
                 self._failure(b, now, f"status_{up.status}")
             else:
                 b.ejection.success()
@@ -301,7 +333,10 @@ class Proxy:
     async def _relay(self, request: web.Request, up: aiohttp.ClientResponse, b: Backend,
                      model: str, first: bytes, deadline: float
                      ) -> tuple[web.StreamResponse, bool]:
-        """Stream the upstream answer to the client; also says whether it ended cleanly."""
+        """Stream the upstream answer to the client; also says whether it ended cleanly.
+
+        Raises :class:`_ClientAbort` when the client went away or stopped reading.
+        """
         s = self.settings
         resp = web.StreamResponse(status=up.status, reason=up.reason)
         drop = _drop_set(up.headers, HOP_BY_HOP)
@@ -315,18 +350,34 @@ class Proxy:
         # The loop's clock and self.clock may differ; carry the deadline over as a remainder.
         end = loop.time() + (deadline - self.clock())
         sse = up.content_type == "text/event-stream"
+        # One timer for the whole relay, re-armed for each step: a read from the backend may
+        # take stream_idle_timeout (and not outlive the request), a write to the client
+        # client_write_timeout. ``writing`` says whose side a failure is on.
+        writing = True
         try:
-            if first:
-                await resp.write(first)
             content = up.content
-            async with asyncio.timeout(None) as idle:
+            async with asyncio.timeout(None) as timer:
+                if first:
+                    timer.reschedule(loop.time() + s.client_write_timeout)
+                    await resp.write(first)
                 while True:
-                    idle.reschedule(min(loop.time() + s.stream_idle_timeout, end))
+                    writing = False
+                    timer.reschedule(min(loop.time() + s.stream_idle_timeout, end))
                     chunk = await content.readany()
+                    writing = True
+                    timer.reschedule(loop.time() + s.client_write_timeout)
                     if not chunk:
-                        break
+                        await resp.write_eof()
+                        return resp, True
                     await resp.write(chunk)
         except (TimeoutError, aiohttp.ClientError, ConnectionError, OSError) as err:
+            if writing:
+                # The client's side: it stopped reading (its buffers and ours are full) or
+                # its connection is gone. Not the backend's fault; the caller closes the
+                # upstream connection at once.
+                reason = "write_timeout" if isinstance(err, TimeoutError) else "disconnected"
+                self._client_abort(request, b, model, reason)
+                raise _ClientAbort(reason, resp) from err
             if request.transport is None or request.transport.is_closing():
                 raise  # the client left, not the backend: nothing to tell anyone
             if isinstance(err, TimeoutError) and loop.time() >= end:
@@ -339,16 +390,29 @@ class Proxy:
                     "backend": b.key, "model": model, "why": why})
                 self._failure(b, self.clock(), f"stream_{why}")
             if sse:
-                with contextlib.suppress(ConnectionError, aiohttp.ClientError):
-                    await resp.write(sse_error_event(f"backend {b.key} stream {why}"))
-                    await resp.write_eof()
+                try:
+                    async with asyncio.timeout(s.client_write_timeout):
+                        await resp.write(sse_error_event(f"backend {b.key} stream {why}"))
+                        await resp.write_eof()
+                except TimeoutError:
+                    self._client_abort(request, b, model, "write_timeout")
+                except (ConnectionError, aiohttp.ClientError):
+                    pass
                 return resp, False
             # A plain body cannot carry an error: cut the connection so the client sees it.
             if request.transport is not None:
                 request.transport.close()
             return resp, False
-        await resp.write_eof()
-        return resp, True
+
+    def _client_abort(self, request: web.Request, b: Backend, model: str,
+                      reason: str) -> None:
+        """Count and log a response the client ended, and drop its connection: bytes it
+        did not read are still queued there, so nothing more could be sent on it."""
+        self.metrics.client_aborts.labels(reason).inc()
+        log.info("client ended the response", extra={
+            "backend": b.key, "model": model, "reason": reason})
+        if request.transport is not None:
+            request.transport.abort()
 
 
 def parse_request(body: bytes) -> tuple[str | None, str | None]:

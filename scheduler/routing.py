@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Collection, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 
 from common.records import BackendRecord
@@ -137,9 +137,22 @@ def _refresh(b: Backend, record: BackendRecord) -> None:
         b.ejection.lift()
         b.revivals += 1
     b.ready = ready
-    b.waiting = (record.load.waiting or 0) if record.load else 0
-    b.probe_latency_s = (record.probe_latency_ms / 1000.0
-                         if record.probe_latency_ms is not None else None)
+    # The figures come from the engine through its agent and are not to be trusted: a
+    # negative queue or latency would give a negative cost and win every choice.
+    b.waiting = _queue(record.load.waiting) if record.load else 0
+    b.probe_latency_s = _probe_s(record.probe_latency_ms)
+
+
+def _queue(value: int | None) -> int:
+    """An engine's queue length, 0 when it says none or something impossible."""
+    return value if value is not None and value > 0 else 0
+
+
+def _probe_s(ms: float | None) -> float | None:
+    """A probe latency in seconds; None (so the default) unless it is a positive number."""
+    if ms is None or not math.isfinite(ms) or ms <= 0:
+        return None
+    return ms / 1000.0
 
 
 class Router:
@@ -154,6 +167,8 @@ class Router:
         self._by_model: dict[str, list[Backend]] = {}
         self._eject = (eject_threshold, eject_base_s, eject_max_s)
         self.max_inflight = max_inflight
+        # Called with each backend that leaves the table, so its metric series can go too.
+        self.on_remove: Callable[[Backend], None] = lambda _b: None
 
     # -- the table ---------------------------------------------------------------------------
 
@@ -177,6 +192,7 @@ class Router:
         b = self.backends.pop(key, None)
         if b is not None:
             self._unindex(b, b.models)
+            self.on_remove(b)
         return b
 
     def replace(self, records: Iterable[tuple[str, BackendRecord]]) -> None:

@@ -157,8 +157,10 @@ def cluster(router: Router, view: EtcdView, rates: dict[tuple[str, str], float] 
         "etcd": {"connected": etcd_connected, "error": view.error},
         "nodes": view.nodes,
         "backends": backends,
+        # Only the models a backend in the table serves: the rates also hold models whose
+        # backends have gone, and "" for requests rejected before a model was chosen.
         "models": {m: None if rates is None else round(per_model.get(m, 0.0), 3)
-                   for m in sorted({m for b in backends for m in b["models"]} | set(per_model))},
+                   for m in sorted({m for b in backends for m in b["models"]})},
         "request_rate": None if rates is None else round(sum(per_model.values()), 3),
         "deployments": view.deployments,
         "failovers": [{"at": f.at, "model": f.model, "backend": f.backend, "reason": f.reason}

@@ -85,6 +85,28 @@ def test_engine_queue_is_a_penalty() -> None:
     assert picks(r, n=500)["n1/b"] == 500
 
 
+def test_impossible_engine_figures_give_no_advantage() -> None:
+    # Probing: an engine reporting a negative queue got a negative cost and every request.
+    # The records come through the registry as an agent writes them (they parse: the
+    # figures are the engine's, and only the router knows what they do to a choice).
+    keys = Keys("/p")
+    r = Router(random.Random(1))
+    reg = Registry(r, keys)
+    liar = BackendRecord(node="n1", name="liar", models=["m"], url="http://127.0.0.1/l",
+                         state="ready", engine="sim", probe_latency_ms=10.0,
+                         load=BackendLoad(running=-3, waiting=-50, kv_cache_usage=7.5))
+    honest = rec("honest", latency_ms=10.0, waiting=0)
+    reg.apply(Reset(Snapshot(1, [KeyValue(keys.backend("n1", "liar"), dump(liar), 1),
+                                 KeyValue(keys.backend("n1", "honest"), dump(honest), 1)])))
+    assert r.backends["n1/liar"].cost(100.0) > 0
+    counts = picks(r, n=2000)
+    assert 800 < counts["n1/honest"] < 1200, counts  # equals: they share the traffic
+    # A negative probe latency is no figure at all: the default stands in for it.
+    r = router_with(rec("a", latency_ms=-5.0), rec("b", latency_ms=10.0))
+    assert r.backends["n1/a"].cost(100.0) > 0
+    assert picks(r, n=500)["n1/b"] == 500
+
+
 def test_peak_ewma_jumps_up_at_once_and_decays_slowly() -> None:
     r = router_with(rec("a"))
     a = r.backends["n1/a"]
