@@ -39,3 +39,17 @@ def test_failover_bench_runs_small() -> None:
                 timeout=180)
     assert "| total |" in out
     assert "| 3 |" in out
+
+
+def test_placement_bench_runs_small() -> None:
+    out = bench("placement", "--nodes", "5", "--gpus", "2", "--replicas", "6",
+                "--deployments", "2", "--repeat", "1")
+    assert "| place() from scratch |" in out
+
+
+def test_deployments_bench_runs_small() -> None:
+    out = bench("deployments", "--nodes", "5", "--gpus", "2", "--replicas", "6",
+                "--deployments", "2", "--interval", "0.5", "--node-ttl", "2",
+                "--placer-ttl", "2", "--steady", "1", "--failover-replicas", "2")
+    assert "| **deploy → all assigned in etcd**" in out
+    assert "5 nodes x 2 GPUs" in out
