@@ -36,8 +36,16 @@ from agent.engines import EngineError, share_args
 from agent.health.probe import Ewma, Prober, ProbeResult
 from agent.metrics import AgentMetrics
 from agent.placement import Placement, PlacementError, place
+from common import audit
 from common.backoff import Backoff
-from common.records import AssignmentRecord, BackendLoad, BackendRecord, GpuRecord, State
+from common.records import (
+    AssignmentRecord,
+    AuditEntry,
+    BackendLoad,
+    BackendRecord,
+    GpuRecord,
+    State,
+)
 
 log = logging.getLogger(__name__)
 
@@ -148,13 +156,17 @@ class Supervisor:
 
     def __init__(self, config: AgentConfig, docker: DockerAdapter, metrics: AgentMetrics,
                  gpus: GpuSource, on_change: Callable[[], None] | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 on_audit: Callable[[AuditEntry], None] | None = None) -> None:
         self.config = config
         self.node = config.node_name
         self.docker = docker
         self.metrics = metrics
         self._gpus = gpus
         self.on_change = on_change
+        # Receives an audit entry for what the agent does on its own (a crash restart, a
+        # container removed for a drain); agent.app queues them for etcd.
+        self.on_audit = on_audit
         self._clock = clock
         self._wake = asyncio.Event()
         self._prober = Prober(timeout=max(1.0, min(5.0, config.probe_interval)))
@@ -218,6 +230,10 @@ class Supervisor:
     def _changed(self) -> None:
         if self.on_change is not None:
             self.on_change()
+
+    def _audit(self, verb: str, backend: str, detail: str) -> None:
+        if self.on_audit is not None:
+            self.on_audit(audit.entry("agent", verb, f"{self.node}/{backend}", detail=detail))
 
     def wake(self) -> None:
         """Reconcile now (inventory changed, or a test wants it)."""
@@ -430,6 +446,10 @@ class Supervisor:
             log.info("removing container", extra={"backend": action.backend,
                                                   "container": action.container.id[:12]})
             await self.docker.remove(action.container.id)
+            if self.drained is not None:
+                self._audit("drain", action.backend,
+                            f"container {action.container.id[:12]} removed: node drained"
+                            + (f" ({self.drained})" if self.drained else ""))
             gone = self.status.get(action.backend)
             if gone is not None and gone.container_id == action.container.id:
                 gone.container_id = None
@@ -461,7 +481,7 @@ class Supervisor:
                 self._set(s, "unhealthy", f"{exit_reason(c)}; restarting in {delay:g}s")
             if now < s.not_before:
                 return
-            await self._start(s, c.id)
+            await self._start(s, c.id, None if c.status == "created" else exit_reason(c))
             return
         # Create or Recreate
         if now < s.not_before:
@@ -472,13 +492,18 @@ class Supervisor:
             s.container_id = None
         await self._create(s, action.spec)
 
-    async def _start(self, s: BackendStatus, container_id: str) -> None:
+    async def _start(self, s: BackendStatus, container_id: str, crash: str | None = None
+                     ) -> None:
+        """Start the stopped container; ``crash`` is how it ended (None: it never ran)."""
         try:
             await self.docker.start(container_id)
         except DockerFailed as err:
             self._failed(s, str(err))
             return
         s.restarts += 1
+        if crash is not None:
+            self._audit("restart", s.config.name,
+                        f"{crash}; restarted (restart {s.restarts})")
         self.metrics.restarted(s.config.name, s.config.model)
         s.probe_fails = 0
         self._set(s, "starting", s.error)

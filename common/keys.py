@@ -83,6 +83,25 @@ class Keys:
         """The election key: present, under its holder's lease, while a placer leads."""
         return f"{self.prefix}/placer/leader"
 
+    # -- audit trail (docs/operations.md: Audit trail) -----------------------------------------
+
+    @property
+    def audit(self) -> str:
+        """Prefix of every audit entry; the keys sort by time."""
+        return f"{self.prefix}/audit/"
+
+    def audit_entry(self, time_ns: int, suffix: str) -> str:
+        """An audit entry's key: its time in nanoseconds (19 digits), then a random suffix."""
+        return f"{self.prefix}/audit/{time_ns:019d}-{suffix}"
+
+    def audit_time_ns(self, key: str) -> int | None:
+        """The time in an audit entry's key, or None for a key that is not one."""
+        stamp, sep, suffix = key.removeprefix(self.audit).partition("-")
+        if not key.startswith(self.audit) or not sep or not suffix or len(stamp) != 19 \
+                or not stamp.isdigit():
+            return None
+        return int(stamp)
+
 
 def _split_two(key: str, prefix: str) -> tuple[str, str] | None:
     rest = key.removeprefix(prefix)

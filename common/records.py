@@ -26,6 +26,7 @@ SCHEMA = 1
 Vendor = Literal["nvidia", "amd", "intel"]
 State = Literal["starting", "ready", "unhealthy", "stopped"]
 Policy = Literal["spread", "binpack"]
+AuditSource = Literal["aivmmctl", "placer", "agent"]
 VENDORS: tuple[Vendor, ...] = typing.get_args(Vendor)
 STATES: tuple[State, ...] = typing.get_args(State)
 POLICIES: tuple[Policy, ...] = typing.get_args(Policy)
@@ -230,6 +231,26 @@ class LeaderRecord:
     schema: int = SCHEMA
 
 
+@dataclass(slots=True)
+class AuditEntry:
+    """``{prefix}/audit/{time_ns:019d}-{suffix}``: one change to the cluster, and who made it.
+
+    Written by aivmmctl in the same transaction as the change, and by the placer and the
+    agents for what they do on their own. ``old`` and ``new`` are the compact JSON text of
+    the value before and after (None: absent); ``detail`` is one line saying why.
+    """
+
+    time: float
+    actor: str
+    source: AuditSource
+    verb: str
+    target: str
+    old: str | None = None
+    new: str | None = None
+    detail: str = ""
+    schema: int = SCHEMA
+
+
 # -- reading -----------------------------------------------------------------------------------
 # The checks are derived from each record's type hints, so a record is declared once: a field
 # added to a dataclass is read back by every reader without a second table to keep in step.
@@ -361,6 +382,11 @@ def parse_placement(raw: bytes | str) -> PlacementStatus:
 def parse_leader(raw: bytes | str) -> LeaderRecord:
     """Read the placer election's leader record; raises RecordError when it is unusable."""
     return parse(raw, LeaderRecord)
+
+
+def parse_audit(raw: bytes | str) -> AuditEntry:
+    """Read an audit entry; raises RecordError with the reason when it is unusable."""
+    return parse(raw, AuditEntry)
 
 
 def dump(record: Any) -> bytes:

@@ -494,6 +494,21 @@ class EtcdStore:
         """Every key under ``prefix``, sorted by key, at the revision of the read."""
         return _snapshot(await self._range(prefix))
 
+    async def get_last(self, prefix: str, count: int) -> Snapshot:
+        """The last ``count`` keys under ``prefix`` (by key), sorted by key: the newest
+        entries of a time-keyed log such as the audit trail, without reading all of it."""
+        raw = prefix.encode()
+        req = rpc.RangeRequest(
+            key=raw or b"\0", range_end=_range_end(raw), limit=count,
+            sort_order=rpc.RangeRequest.DESCEND, sort_target=rpc.RangeRequest.KEY,
+        )
+
+        async def op(conn: _Conn) -> Any:
+            return await conn.kv.Range(req, timeout=self._timeout)
+
+        snap = _snapshot(await self._call(f"get last {count} of {prefix}", op))
+        return Snapshot(snap.revision, snap.items[::-1])
+
     async def compact(self, revision: int) -> None:
         """Drop history before ``revision`` (operators and tests; etcd auto-compacts too)."""
         req = rpc.CompactionRequest(revision=revision, physical=True)

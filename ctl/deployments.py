@@ -9,6 +9,7 @@ handler).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import re
 import sys
 import time
@@ -17,6 +18,7 @@ from typing import Any
 
 import orjson
 
+from common import audit
 from common.deployview import (
     DeploymentRecords,
     deployment_views,
@@ -203,27 +205,51 @@ def build_record(args: argparse.Namespace, now: float) -> DeploymentRecord:
 
 # -- etcd ----------------------------------------------------------------------------------------
 
-async def _put_if_unchanged(store: EtcdStore, key: str, value: bytes, mod_revision: int
-                            ) -> bool:
-    """Write ``key`` only if it was last written at ``mod_revision`` (0: still absent)."""
-    result = await store.txn([Compare.modified(key, mod_revision)], puts=[(key, value)])
+async def _put_if_unchanged(store: EtcdStore, key: str, value: bytes, mod_revision: int,
+                            audit: tuple[str, bytes]) -> bool:
+    """Write ``key`` and its audit entry, in one transaction, only if the key was last
+    written at ``mod_revision`` (0: still absent)."""
+    result = await store.txn([Compare.modified(key, mod_revision)],
+                             puts=[(key, value), audit])
     return result.succeeded
+
+
+def _old_record(raw: bytes) -> DeploymentRecord | Any:
+    """The record being replaced, for the audit entry (its raw JSON if it does not parse)."""
+    try:
+        return parse(raw, DeploymentRecord)
+    except RecordError:
+        try:
+            return orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            return raw.decode(errors="replace")
 
 
 async def write_deployment(store: EtcdStore, keys: Keys, record: DeploymentRecord) -> bool:
     """Create or replace the deployment, keeping an existing record's created_at; True when
-    it was created."""
+    it was created. The audit entry is written in the same transaction."""
     key = keys.deployment(record.name)
     for _ in range(CAS_ATTEMPTS):
         kv = await store.get_item(key)
+        old: Any = None
         if kv is not None:
+            old = _old_record(kv.value)
             try:  # a record that fails today's checks still tells when it was created
                 record.created_at = parse(kv.value, DeploymentRecord).created_at or \
                     record.updated_at
             except RecordError:
                 record.created_at = record.updated_at
+        if old is None:
+            detail = f"created: {record.replicas} replica(s) of {record.model}"
+        elif isinstance(old, DeploymentRecord):
+            detail = "updated: " + (audit.changed_fields(old, record) or "no field changed")
+        else:
+            detail = "updated (the old record did not parse)"
+        change = audit.entry("aivmmctl", "deploy", record.name, old=old, new=record,
+                             detail=detail)
         if await _put_if_unchanged(store, key, dump(record),
-                                   0 if kv is None else kv.mod_revision):
+                                   0 if kv is None else kv.mod_revision,
+                                   audit.audit_put(keys, change)):
             return kv is None
     raise Conflict(record.name)
 
@@ -231,7 +257,8 @@ async def write_deployment(store: EtcdStore, keys: Keys, record: DeploymentRecor
 async def scale_deployment(store: EtcdStore, keys: Keys, name: str, replicas: int
                            ) -> tuple[int, int]:
     """Set the replicas of an existing deployment, keeping every other field as it is now
-    (compare-and-swap). Returns (before, after); raises UsageError when it is absent."""
+    (compare-and-swap, with the audit entry in the same transaction). Returns (before,
+    after); raises UsageError when it is absent."""
     key = keys.deployment(name)
     for _ in range(CAS_ATTEMPTS):
         kv = await store.get_item(key)
@@ -242,10 +269,31 @@ async def scale_deployment(store: EtcdStore, keys: Keys, name: str, replicas: in
         except RecordError as err:
             raise UsageError(f"{name}: its deployment record cannot be read ({err}); "
                              f"write it again with 'aivmmctl deploy {name} ...'") from None
+        old = dataclasses.replace(record)
         before = record.replicas
         record.replicas, record.updated_at = replicas, time.time()
-        if await _put_if_unchanged(store, key, dump(record), kv.mod_revision):
+        change = audit.entry("aivmmctl", "scale", name, old=old, new=record,
+                             detail=f"replicas {before} -> {replicas}")
+        if await _put_if_unchanged(store, key, dump(record), kv.mod_revision,
+                                   audit.audit_put(keys, change)):
             return before, replicas
+    raise Conflict(name)
+
+
+async def delete_deployment(store: EtcdStore, keys: Keys, name: str) -> None:
+    """Delete the deployment and write its audit entry in one transaction; raises
+    UsageError when it is absent."""
+    key = keys.deployment(name)
+    for _ in range(CAS_ATTEMPTS):
+        kv = await store.get_item(key)
+        if kv is None:
+            raise UsageError(f"no deployment {name}")
+        change = audit.entry("aivmmctl", "undeploy", name, old=_old_record(kv.value),
+                             detail="deleted: its replicas are removed")
+        result = await store.txn([Compare.modified(key, kv.mod_revision)], deletes=[key],
+                                 puts=[audit.audit_put(keys, change)])
+        if result.succeeded:
+            return
     raise Conflict(name)
 
 
@@ -299,8 +347,7 @@ async def run(args: argparse.Namespace, endpoints: list[str], table: Table) -> i
                 before, after = await scale_deployment(store, keys, args.name, args.replicas)
                 print(f"deployment {args.name} scaled: {before} -> {after} replica(s)")
             elif args.verb == "undeploy":
-                if not await store.delete(keys.deployment(args.name)):
-                    raise UsageError(f"no deployment {args.name}")
+                await delete_deployment(store, keys, args.name)
                 print(f"deployment {args.name} deleted: its replicas are being removed")
             else:
                 views, skipped = await read_views(store, keys)

@@ -12,18 +12,21 @@ from typing import Any, NoReturn
 
 import orjson
 
+from common import audit
 from common.deployview import deployment_views, parse_backends, read_records
 from common.endpoints import etcd_target
 from common.keys import Keys
 from common.records import (
+    AuditEntry,
     BackendRecord,
     DrainRecord,
     NodeRecord,
     RecordError,
     dump,
+    parse_drain,
     parse_node,
 )
-from common.store import EtcdStore, StoreUnavailable
+from common.store import Compare, EtcdStore, StoreUnavailable
 from ctl import deployments
 
 EXIT_UNREACHABLE = 1
@@ -123,16 +126,78 @@ def file_sd(nodes: list[NodeRecord]) -> list[dict[str, Any]]:
 
 async def set_drain(endpoints: list[str], prefix: str, deadline: float, node: str,
                     reason: str | None) -> bool:
-    """Write (reason given) or delete the drain key; True when the node has a record."""
+    """Write (reason given) or delete the drain key, with its audit entry in the same
+    transaction; True when the node has a record. Undraining a node that is not drained
+    changes nothing and records nothing."""
     keys = Keys(prefix)
+    key = keys.drain(node)
     async with EtcdStore(endpoints, timeout=deadline) as store:
         known = await store.get(keys.node(node)) is not None
-        if reason is None:
-            await store.delete(keys.drain(node))
-        else:
-            record = DrainRecord(node=node, requested_at=time.time(), reason=reason or None)
-            await store.put(keys.drain(node), dump(record))
-    return known
+        for _ in range(deployments.CAS_ATTEMPTS):
+            kv = await store.get_item(key)
+            old: Any = None
+            if kv is not None:
+                try:
+                    old = parse_drain(kv.value)
+                except RecordError:
+                    old = kv.value.decode(errors="replace")
+            if reason is None:
+                if kv is None:
+                    return known
+                change = audit.entry("aivmmctl", "undrain", node, old=old,
+                                     detail="undrained: its backends run again")
+                result = await store.txn([Compare.modified(key, kv.mod_revision)],
+                                         deletes=[key], puts=[audit.audit_put(keys, change)])
+            else:
+                record = DrainRecord(node=node, requested_at=time.time(), reason=reason or None)
+                change = audit.entry("aivmmctl", "drain", node, old=old, new=record,
+                                     detail=f"drained: {reason or 'no reason given'}")
+                result = await store.txn(
+                    [Compare.modified(key, 0 if kv is None else kv.mod_revision)],
+                    puts=[(key, dump(record)), audit.audit_put(keys, change)])
+            if result.succeeded:
+                return known
+    raise deployments.Conflict(node)
+
+
+async def read_audit(endpoints: list[str], prefix: str, deadline: float
+                     ) -> tuple[list[AuditEntry], int]:
+    """Every audit entry, oldest first, and how many did not parse."""
+    keys = Keys(prefix)
+    async with EtcdStore(endpoints, timeout=deadline) as store:
+        snap = await store.get_prefix(keys.audit)
+    return audit.parse_entries((kv.key, kv.value) for kv in snap.items)
+
+
+def show_audit(args: argparse.Namespace, endpoints: list[str]) -> int:
+    """aivmmctl audit: the trail, filtered, newest last (StoreUnavailable goes to main)."""
+    try:
+        since = None if args.since is None else audit.parse_since(args.since, time.time())
+    except ValueError as err:
+        print(f"aivmmctl: --since: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    entries, skipped = asyncio.run(read_audit(endpoints, args.prefix, args.timeout))
+    chosen = [e for e in entries if audit.matches(e, since=since, target=args.target)]
+    if args.limit:
+        chosen = chosen[-args.limit:]
+    if args.json:
+        sys.stdout.write(_json({"entries": chosen, "skipped": skipped}))
+        return 0
+    print(f"AUDIT ({len(chosen)})")
+    print(table(["TIME", "ACTOR", "VERB", "TARGET", "DETAIL/CHANGE"], audit.render_rows(chosen)))
+    if skipped:
+        print(f"warning: {skipped} entr(ies) could not be parsed and were skipped")
+    return 0
+
+
+def _limit(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0 (0: all), got {text!r}")
+    return value
 
 
 class Parser(argparse.ArgumentParser):
@@ -165,6 +230,14 @@ def parser() -> argparse.ArgumentParser:
                                help="Prometheus file_sd JSON of every agent, from etcd")
     targets.add_argument("--output", "-o", help="file to write (atomically); default stdout")
     deployments.add_parsers(verbs)
+    trail = verbs.add_parser("audit", help="who changed what and when (the audit trail)")
+    trail.add_argument("--since", metavar="AGE|DATE",
+                       help="only entries since then: 30m, 1h, 2d, 1w or an ISO date")
+    trail.add_argument("--target", metavar="NAME",
+                       help="only entries about this deployment or node (and its backends)")
+    trail.add_argument("--limit", type=_limit, default=50, metavar="N",
+                       help="the newest N entries (default 50; 0: all)")
+    trail.add_argument("--json", action="store_true", help="machine-readable output")
     return p
 
 
@@ -185,6 +258,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.verb in deployments.VERBS:
             return asyncio.run(deployments.run(args, endpoints, table))
+        if args.verb == "audit":
+            return show_audit(args, endpoints)
         if args.verb in ("drain", "undrain"):
             known = asyncio.run(set_drain(endpoints, args.prefix, args.timeout, args.node,
                                           args.reason if args.verb == "drain" else None))
@@ -200,6 +275,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except StoreUnavailable:
         print(f"aivmmctl: cannot reach etcd at {', '.join(endpoints)}", file=sys.stderr)
         return EXIT_UNREACHABLE
+    except deployments.Conflict as err:
+        print(f"aivmmctl: the drain request of {err} kept changing while being written; "
+              "try again", file=sys.stderr)
+        return 1
     if args.verb == "prometheus-targets":
         text = _json(file_sd(view["nodes"]))
         if args.output:

@@ -218,7 +218,9 @@ async def placer_ctx(app: web.Application) -> AsyncIterator[None]:
                     ttl=config.placer_lease_ttl, replace_after=config.placer_replace_after,
                     max_restarts=config.placer_max_restarts,
                     on_bad_record=metrics.placer_bad_records.inc,
-                    on_write=metrics.placer_writes.inc)
+                    on_write=metrics.placer_writes.inc,
+                    audit_keep_seconds=config.audit_keep_days * 86400,
+                    audit_keep_entries=config.audit_keep_entries)
     app[PLACER] = placer
     app[GUARD].spawn("placer", placer.run())
     yield

@@ -57,6 +57,11 @@ class SchedulerConfig(DaemonConfig):
     # A replica not ready this long after it was assigned (or restarted this often) is moved.
     placer_replace_after: float = setting(180.0, check=positive)
     placer_max_restarts: int = setting(3, check=lambda v: None if v >= 1 else "an integer >= 1")
+    # The audit trail (docs/operations.md): the placer deletes entries older than this many
+    # days, or beyond this many (oldest first).
+    audit_keep_days: float = setting(30.0, check=positive)
+    audit_keep_entries: int = setting(
+        10_000, check=lambda v: None if v >= 1 else "an integer >= 1")
 
     def __post_init__(self) -> None:
         if self.api_keys_file is not None:

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from common.audit import parse_entries
 from common.deployview import deployment_views, read_records
 from common.keys import Keys
 from common.records import BackendRecord, RecordError, parse_backend, parse_node, to_dict
@@ -29,6 +30,7 @@ log = logging.getLogger(__name__)
 ETCD_CACHE_S = 3.0
 RATE_WINDOW_S = 30.0
 ETCD_READ_S = 2.0  # a status read never waits on etcd longer than this
+AUDIT_SHOWN = 20  # audit entries on the page ("Last changes")
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +86,8 @@ class RequestRates:
 class Store(Protocol):
     async def get_prefix(self, prefix: str) -> Any: ...
 
+    async def get_last(self, prefix: str, count: int) -> Any: ...
+
 
 @dataclass(slots=True)
 class EtcdView:
@@ -95,6 +99,7 @@ class EtcdView:
     nodes: list[dict[str, Any]] = field(default_factory=list)
     backends: dict[str, dict[str, Any]] = field(default_factory=dict)
     deployments: list[dict[str, Any]] = field(default_factory=list)
+    audit: list[dict[str, Any]] = field(default_factory=list)  # the last changes, newest first
     error: str | None = None
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
@@ -104,9 +109,10 @@ class EtcdView:
             if store is None or time.monotonic() - self.read_at < ETCD_CACHE_S:
                 return
             try:
-                nodes, backends, deployments = await asyncio.wait_for(asyncio.gather(
+                nodes, backends, deployments, trail = await asyncio.wait_for(asyncio.gather(
                     store.get_prefix(self.keys.nodes), store.get_prefix(self.keys.backends),
-                    read_records(store, self.keys)), ETCD_READ_S)
+                    read_records(store, self.keys),
+                    store.get_last(self.keys.audit, AUDIT_SHOWN)), ETCD_READ_S)
             except Exception as err:  # an etcd outage: keep the last view, say so
                 self.error = str(err) or type(err).__name__
                 self.read_at = time.monotonic()
@@ -129,6 +135,11 @@ class EtcdView:
                 records.append(b)
                 self.backends[f"{b.node}/{b.name}"] = to_dict(b)
             self.deployments = deployment_views(deployments, records)
+            entries, _ = parse_entries((kv.key, kv.value) for kv in trail.items)
+            # Who did what and why; not the old and new values, which may hold environment
+            # values, and /v1/cluster may be public (aivmmctl audit shows them).
+            self.audit = [{k: v for k, v in to_dict(e).items() if k not in ("old", "new")}
+                          for e in reversed(entries)]
 
 
 def cluster(router: Router, view: EtcdView, rates: dict[tuple[str, str], float] | None,
@@ -163,6 +174,7 @@ def cluster(router: Router, view: EtcdView, rates: dict[tuple[str, str], float] 
                    for m in sorted({m for b in backends for m in b["models"]})},
         "request_rate": None if rates is None else round(sum(per_model.values()), 3),
         "deployments": view.deployments,
+        "audit": view.audit,
         "failovers": [{"at": f.at, "model": f.model, "backend": f.backend, "reason": f.reason}
                       for f in reversed(failovers.items)],
         "generated_at": time.time(),
@@ -213,6 +225,8 @@ background:var(--info)}.dim{color:var(--dim)}#updated{margin-left:auto;color:var
 <th>state</th><th>engine</th><th class="num">latency ms</th><th class="num">probe ms</th>
 <th class="num">in flight</th><th class="num">queued</th><th class="num">req/s</th>
 <th>error</th></tr></thead><tbody></tbody></table></section>
+<section><h2>Last changes</h2><table id="audit"><thead><tr><th>when</th><th>actor</th>
+<th>verb</th><th>target</th><th>detail</th></tr></thead><tbody></tbody></table></section>
 <section><h2>Recent failovers</h2><table id="failovers"><thead><tr><th>when</th><th>model</th>
 <th>failed backend</th><th>reason</th></tr></thead><tbody></tbody></table></section>
 </main>
@@ -278,6 +292,11 @@ function render(c) {
   rows("#failovers", c.failovers.slice(0, 15), (f) => `<tr>
     <td>${esc(new Date(f.at * 1000).toLocaleTimeString())}</td><td>${esc(f.model)}</td>
     <td>${esc(f.backend)}</td><td>${esc(f.reason)}</td></tr>`, "none recently");
+  rows("#audit", c.audit || [], (e) => `<tr>
+    <td>${esc(new Date(e.time * 1000).toLocaleString())}</td><td>${esc(e.actor)}</td>
+    <td>${esc(e.verb)}</td><td>${esc(e.target)}</td>
+    <td class="wrap">${esc(e.detail)}</td></tr>`,
+    "no changes recorded (aivmmctl audit)");
   $("#updated").textContent = "updated " + new Date(c.generated_at * 1000).toLocaleTimeString()
     + (c.etcd.error ? " · etcd: " + c.etcd.error : "");
 }

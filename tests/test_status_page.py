@@ -225,6 +225,7 @@ async def test_cluster_json_deployments_are_what_aivmmctl_shows(
         etcd_server: EtcdServer, prefix: str, writer: EtcdStore) -> None:
     """The page's deployments come from the same code as ``aivmmctl deployments --json``."""
     await write_placed(writer, prefix)
+    assert (await ctl(etcd_server.url, prefix, "scale", "llama", "3")).returncode == 0
     view = status_page.EtcdView(Keys(prefix))
     await view.refresh(writer)
     body = orjson.loads(orjson.dumps(status_page.cluster(Router(), view, None, FailoverLog(),
@@ -237,6 +238,10 @@ async def test_cluster_json_deployments_are_what_aivmmctl_shows(
         "llama", 3, 2, 2)
     assert llama["reasons"] == ["no node has 2 free nvidia GPUs (gpu-a: 0, gpu-b: 1)"]
     assert "secret" not in out.stdout  # env values never leave etcd through the page
+    [change] = body["audit"]  # the last changes, newest first
+    assert (change["verb"], change["target"], change["detail"]) == ("scale", "llama",
+                                                                    "replicas 3 -> 3")
+    assert "secret" not in orjson.dumps(body["audit"]).decode()  # nor through the trail
 
 
 async def test_status_page_in_headless_chromium_shows_deployments(

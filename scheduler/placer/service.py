@@ -18,9 +18,11 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from common import audit
 from common.keys import Keys
 from common.records import (
     AssignmentRecord,
+    AuditEntry,
     BackendRecord,
     DeploymentRecord,
     NodeRecord,
@@ -33,10 +35,10 @@ from common.records import (
     parse_node,
     parse_placement,
 )
-from common.store import Event, Reset
+from common.store import Event, Reset, StoreError, StoreUnavailable
 from common.store_api import Store
 from scheduler.placer.election import Deposed, Election, Fence
-from scheduler.placer.placement import place
+from scheduler.placer.placement import generation, place
 
 log = logging.getLogger(__name__)
 
@@ -234,14 +236,75 @@ def changes(keys: Keys, view: FleetView, assignments: Sequence[AssignmentRecord]
     return Changes(puts, deletes)
 
 
-def _batches(c: Changes) -> Iterable[tuple[list[tuple[str, bytes]], list[str]]]:
+def _batches(c: Changes, first: Sequence[tuple[str, bytes]] = ()
+             ) -> Iterable[tuple[list[tuple[str, bytes]], list[str]]]:
     # Deletes first: if the writes span transactions and the placer is deposed between two,
-    # a replica may be missing for a moment, but no GPU is ever given twice.
-    ops: list[tuple[str, bytes] | str] = [*c.deletes, *c.puts]
+    # a replica may be missing for a moment, but no GPU is ever given twice. ``first`` (the
+    # pass's audit entries) goes before them, into the first transaction.
+    ops: list[tuple[str, bytes] | str] = [*first, *c.deletes, *c.puts]
     for i in range(0, len(ops), TXN_OPS):
         chunk = ops[i:i + TXN_OPS]
         yield ([op for op in chunk if isinstance(op, tuple)],
                [op for op in chunk if isinstance(op, str)])
+
+
+def _replica_text(a: AssignmentRecord) -> str:
+    return f"{a.replica}@{a.node}:{','.join(str(g) for g in a.gpus) or '-'}"
+
+
+def placement_audit(keys: Keys, view: FleetView, assignments: Sequence[AssignmentRecord],
+                    given_up: Sequence[str], *, who: str, now: float) -> list[AuditEntry]:
+    """One "place" entry per deployment whose assignments this pass changes, saying why
+    where it can be told: its node gone or drained, a failed start, a scale, a change."""
+    before: dict[str, dict[str, AssignmentRecord]] = {}
+    after: dict[str, dict[str, AssignmentRecord]] = {}
+    for key, a in view.assignments.items():
+        before.setdefault(a.deployment, {})[key] = a
+    for a in assignments:
+        after.setdefault(a.deployment, {})[keys.assignment(a.node, a.name)] = a
+    out = []
+    for name in sorted(before.keys() | after.keys()):
+        old, new = before.get(name, {}), after.get(name, {})
+        if old == new:
+            continue
+        d = view.deployments.get(name)
+        by_replica = {a.replica: a for a in new.values()}
+        old_replicas = {a.replica for a in old.values()}
+        reasons: list[str] = []
+        if d is None:
+            reasons.append("deployment removed")
+        elif not old:
+            reasons.append("new deployment" if name not in view.statuses
+                           else "pending replica(s) placed")
+        for key, a in sorted(old.items()):
+            if d is None or new.get(key) == a:
+                continue
+            to = by_replica.get(a.replica)
+            moved = (f": replica {a.replica} moved to {to.node}/gpu{','.join(map(str, to.gpus))}"
+                     if to is not None else f": replica {a.replica} removed")
+            failed = next((ln for ln in given_up
+                           if ln.startswith(f"replica {a.name} did not start on {a.node} ")),
+                          None)
+            if a.node not in view.nodes:
+                reasons.append(f"node {a.node} lost{moved}")
+            elif a.node in view.drained:
+                reasons.append(f"node {a.node} drained{moved}")
+            elif failed is not None:
+                reasons.append(failed)
+            elif a.replica >= d.replicas:
+                reasons.append(f"scaled to {d.replicas}{moved}")
+            elif a.generation and a.generation != generation(d):
+                reasons.append(f"deployment changed{moved}")
+        added = sorted(r for r in by_replica if r not in old_replicas)
+        if d is not None and old and added:
+            reasons.append(f"replica(s) {', '.join(map(str, added))} placed "
+                           f"(wants {d.replicas})")
+        out.append(audit.entry(
+            "placer", "place", name, who=who, now=now,
+            old=sorted(_replica_text(a) for a in old.values()),
+            new=sorted(_replica_text(a) for a in new.values()),
+            detail="; ".join(dict.fromkeys(reasons)) or "placement changed"))
+    return out
 
 
 class Placer:
@@ -250,7 +313,9 @@ class Placer:
     def __init__(self, store: Store, keys: Keys, holder: str, *, ttl: int = 5,
                  replace_after: float = 180.0, max_restarts: int = 3,
                  debounce: float = 0.05, on_bad_record: Callable[[], None] = lambda: None,
-                 on_write: Callable[[int], None] = lambda n: None) -> None:
+                 on_write: Callable[[int], None] = lambda n: None,
+                 audit_keep_seconds: float = 30 * 86400.0, audit_keep_entries: int = 10_000,
+                 audit_compact_interval: float = 300.0) -> None:
         self.store = store
         self.keys = keys
         self.holder = holder
@@ -259,6 +324,9 @@ class Placer:
         self.debounce = debounce
         self._on_bad_record = on_bad_record
         self._on_write = on_write
+        self.audit_keep_seconds = audit_keep_seconds
+        self.audit_keep_entries = audit_keep_entries
+        self.audit_compact_interval = audit_compact_interval
         self.passes = 0  # placement passes run while leading (tests, metrics)
         self.pending = 0  # replicas that fit nowhere, as of the last pass
 
@@ -281,15 +349,22 @@ class Placer:
         async def follow() -> None:
             async for item in self.store.sync_prefix(self.keys.prefix + "/"):
                 view.apply(item)
+                if isinstance(item, Event) and item.key.startswith(self.keys.audit):
+                    continue  # the trail is not the fleet: nothing to place
                 dirty.set()
             raise RuntimeError("the placer's etcd sync stream ended")
 
         follower = asyncio.create_task(follow(), name="placer-watch")
+        compact_at = time.monotonic()
         try:
             while True:
+                if time.monotonic() >= compact_at:
+                    compact_at = time.monotonic() + self.audit_compact_interval
+                    await self.compact_audit(fence)
                 now = time.time()
                 deadline = self.failures.next_deadline(now)
                 wait = 5.0 if deadline is None else min(5.0, max(0.05, deadline - now))
+                wait = min(wait, max(0.05, compact_at - time.monotonic()))
                 waiter = asyncio.create_task(dirty.wait(), name="placer-wake")
                 try:
                     done, _ = await asyncio.wait({waiter, follower}, timeout=wait,
@@ -312,7 +387,8 @@ class Placer:
     async def place_once(self, view: FleetView, fence: Fence) -> Changes:
         """Decide from ``view`` and write the difference under ``fence``."""
         now = time.time()
-        for line in self.failures.observe(view, now):
+        given_up = self.failures.observe(view, now)
+        for line in given_up:
             log.warning(line)
         # The replicas given up on are placed as if new (the avoid keeps them off that
         # node); their neighbours on the same node stay where they are.
@@ -327,7 +403,9 @@ class Placer:
         self.pending = sum(s.pending for s in statuses.values())
         diff = changes(self.keys, view, result.assignments, statuses)
         self.passes += 1
-        for puts, deletes in _batches(diff):
+        trail = [audit.audit_put(self.keys, e) for e in placement_audit(
+            self.keys, view, result.assignments, given_up, who=self.holder, now=now)]
+        for puts, deletes in _batches(diff, trail):
             written = await self.store.txn([fence.compare], puts=puts, deletes=deletes)
             if not written.succeeded:
                 raise Deposed("the placer election has another leader; not writing")
@@ -343,3 +421,26 @@ class Placer:
                                                  "deletes": len(diff.deletes),
                                                  "pending": self.pending})
         return diff
+
+    async def compact_audit(self, fence: Fence) -> int:
+        """Delete the audit entries past retention (age or count), oldest first, in
+        transactions fenced on ``fence``; returns how many. An etcd that refuses is logged
+        and tried again at the next interval; losing the election or etcd ends the term as
+        a placement write would."""
+        try:
+            snap = await self.store.get_prefix(self.keys.audit)
+            doomed = audit.to_compact(audit.key_times(self.keys, (kv.key for kv in snap.items)),
+                                      time.time(), self.audit_keep_seconds,
+                                      self.audit_keep_entries)
+            for i in range(0, len(doomed), TXN_OPS):
+                written = await self.store.txn([fence.compare], deletes=doomed[i:i + TXN_OPS])
+                if not written.succeeded:
+                    raise Deposed("the placer election has another leader; not compacting")
+        except (Deposed, StoreUnavailable):
+            raise
+        except StoreError as err:
+            log.warning("audit trail not compacted: %s", err)
+            return 0
+        if doomed:
+            log.info("audit trail compacted", extra={"deleted": len(doomed)})
+        return len(doomed)
