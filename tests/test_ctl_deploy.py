@@ -264,7 +264,7 @@ async def test_deployments_json_is_the_documented_shape(placed: str, prefix: str
     assert (llama["desired"], llama["placed"], llama["ready"], llama["pending"]) == (3, 2, 2, 1)
     assert llama["reasons"] == ["no node has 2 free nvidia GPUs (gpu-a: 0, gpu-b: 1)"]
     assert llama["request"] == {"gpus": 2, "memory_bytes": None, "vendors": ["nvidia"],
-                                "nodes": [], "labels": {}}
+                                "nodes": [], "labels": {}, "cpus": None}
     assert llama["env"] == ["HF_TOKEN"] and llama["placer"] == "sched-1"
     assert [(r["replica"], r["node"], r["gpus"], r["state"], r["assigned"])
             for r in llama["replicas"]] == [(0, "gpu-a", [0, 1], "ready", True),

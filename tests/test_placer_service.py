@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 
 import pytest
@@ -13,6 +14,7 @@ import pytest
 from common.keys import Keys
 from common.records import (
     AssignmentRecord,
+    BackendLoad,
     BackendRecord,
     DeploymentRecord,
     DrainRecord,
@@ -487,3 +489,25 @@ async def test_the_running_placer_places_moves_off_a_dead_node_and_resigns(
         with contextlib.suppress(asyncio.CancelledError):
             await task
     assert await writer.get(keys.placer_leader) is None  # resigned: the lease was revoked
+
+
+def test_a_heartbeat_or_probe_jitter_asks_for_no_new_decision() -> None:
+    keys = Keys("/p")
+    view = FleetView(keys)
+    n = NodeRecord("n1", "v", 0.0, 1.0, gpus=[GpuRecord(0, "amd", "g", "u0", "b")])
+    view.apply(Reset(Snapshot(1, [KeyValue(keys.node("n1"), dump(n), 1)])))
+    beat = dataclasses.replace(n, heartbeat_at=4.0, gpus=[dataclasses.replace(
+        n.gpus[0], memory_used_bytes=5, utilization=0.5, temperature_c=60.0)])
+    assert view.apply(Event("put", keys.node("n1"), dump(beat), 2)) is False
+    assert view.nodes["n1"].heartbeat_at == 4.0  # the view is current all the same
+    labelled = dataclasses.replace(beat, labels={"zone": "eu"})
+    assert view.apply(Event("put", keys.node("n1"), dump(labelled), 3)) is True
+    b = BackendRecord("n1", "d-0", ["m"], "http://x:1", "ready", "sim", deployment="d",
+                      probe_latency_ms=1.0)
+    key = keys.backend("n1", "d-0")
+    assert view.apply(Event("put", key, dump(b), 4)) is True
+    jitter = dataclasses.replace(b, probe_latency_ms=3.0, load=BackendLoad(1, 0, 0.2))
+    assert view.apply(Event("put", key, dump(jitter), 5)) is False
+    assert view.apply(Event("put", key, dump(dataclasses.replace(b, state="unhealthy")),
+                            6)) is True
+    assert view.apply(Event("delete", keys.node("n1"), b"", 7)) is True
