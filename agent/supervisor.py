@@ -151,6 +151,12 @@ class BackendStatus:
 GpuSource = Callable[[], tuple[list[GpuRecord], list[GpuRecord]]]
 
 
+def _device_gids(gpus: Sequence[GpuRecord]) -> dict[str, int]:
+    """The host gids owning these GPUs' device nodes, for the container's group_add."""
+    from agent.inventory.devnodes import device_gids, device_nodes  # keeps NVML lazy
+    return device_gids(device_nodes(gpus))
+
+
 class Supervisor:
     """Runs this node's backends; records in :meth:`records`, changes through ``on_change``."""
 
@@ -362,7 +368,8 @@ class Supervisor:
         return build_spec(self.node, config, chosen if real else (),
                           a.vendor if real else None, models_dir=self.config.models_dir,
                           advertise_host=self.config.advertise_host, node_gpus=gpus,
-                          deployment=a.deployment)
+                          deployment=a.deployment,
+                          device_gids=_device_gids(chosen) if real else None)
 
     @staticmethod
     def _cores() -> set[int]:
@@ -406,7 +413,8 @@ class Supervisor:
             try:
                 specs[b.name] = build_spec(
                     self.node, b, p.gpus, p.vendor, models_dir=self.config.models_dir,
-                    advertise_host=self.config.advertise_host, node_gpus=gpus)
+                    advertise_host=self.config.advertise_host, node_gpus=gpus,
+                    device_gids=_device_gids(p.gpus))
             except EngineError as err:
                 s.spec = None
                 self._set(s, "stopped", str(err))

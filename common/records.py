@@ -60,6 +60,8 @@ class GpuRecord:
     # The DRM primary node ("/dev/dri/card1"): numbered apart from render nodes (a BMC's
     # display or simpledrm may take card0), so it is read from sysfs, never derived.
     card_node: str | None = None
+    # The PCI vendor:device ids ("1002:744c"), kept beside the name pci.ids gave them.
+    pci_id: str | None = None
 
 
 @dataclass(slots=True)

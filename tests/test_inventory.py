@@ -18,7 +18,7 @@ from agent.inventory.intel import IntelDetector
 from agent.inventory.nvml import MemoryInfo, NvmlError, NvmlNotSupported, NvmlUnavailable
 from agent.inventory.pci import enumerate_gpus, is_intel_integrated, normalise_bus_id
 from common.records import NodeRecord, dump, parse_node
-from devtools.gpu_trees import SysfsTree
+from devtools.gpu_trees import ProcTree, SysfsTree
 
 GiB = 1 << 30
 
@@ -454,3 +454,142 @@ async def test_card_node_is_read_not_derived_from_the_render_node(tree: SysfsTre
     tree.add_i915_arc("0000:04:00.0")
     (arc,) = await inventory(tree).scan()
     assert (arc.render_node, arc.card_node) == ("/dev/dri/renderD128", "/dev/dri/card1")
+
+
+# -- issue 16: GPUs told truly -----------------------------------------------------------------
+
+async def test_names_come_from_pci_ids_with_the_raw_ids_kept(tree: SysfsTree) -> None:
+    tree.pci_ids()
+    tree.add_amdgpu("0000:03:00.0")                                       # reference board
+    tree.add_amdgpu("0000:43:00.0", unique_id=None, subsystem=(0x1EAE, 0x7901))  # a Speedster
+    tree.add_amdgpu("0000:44:00.0", device=0x73BF, unique_id=None, subsystem=(0x1002, 0x0E3A))
+    tree.add_i915_igpu()
+    tree.add_xe("0000:05:00.0")
+    gpus = await inventory(tree).scan()
+    shown = {g.pci_bus_id: (g.name, g.pci_id) for g in gpus}
+    assert shown == {
+        "0000:03:00.0": ("Radeon RX 7900 XT/7900 XTX", "1002:744c"),
+        "0000:43:00.0": ("SPEEDSTER MERC 310 RX 7900 XTX", "1002:744c"),  # the board's name
+        "0000:44:00.0": ("Radeon RX 6900 XT", "1002:73bf"),
+        "0000:00:02.0": ("AlderLake-S GT1", "8086:4680"),  # no bracketed name: kept whole
+        "0000:05:00.0": ("Arc B580", "8086:e20b"),
+    }
+
+
+async def test_without_pci_ids_the_name_is_the_ids(tree: SysfsTree) -> None:
+    tree.add_amdgpu()
+    tree.add_xe()
+    amd, xe = await inventory(tree).scan()
+    assert (amd.name, amd.pci_id) == ("AMD GPU [1002:744c]", "1002:744c")
+    assert xe.name == "Intel GPU [8086:e20b]"
+
+
+async def test_pci_ids_from_hwdata_or_a_configured_path(tree: SysfsTree, tmp_path: Path) -> None:
+    tree.add_xe()
+    tree.pci_ids(where="usr/share/hwdata/pci.ids")  # Fedora/Arch put it here
+    [gpu] = await inventory(tree).scan()
+    assert gpu.name == "Arc B580"
+    own = tmp_path / "ids"
+    own.write_text("8086  Intel Corporation\n\te20b  Battlemage G21 [Arc B580 Special]\n")
+    [gpu] = await inventory(tree, pci_ids=str(own)).scan()
+    assert gpu.name == "Arc B580 Special"
+
+
+async def test_fru_product_name_beats_pci_ids_and_nvidia_gets_its_pci_id(tree: SysfsTree) -> None:
+    tree.pci_ids()
+    dev = tree.add_amdgpu()
+    tree.write(dev / "product_name", "AMD Radeon PRO W7900")
+    tree.add_nvidia("0000:18:00.0")
+    nv, amd = await inventory(tree, FakeNvml([FakeGpu()])).scan()
+    assert amd.name == "AMD Radeon PRO W7900"
+    assert (nv.name, nv.pci_id) == ("NVIDIA H200", "10de:2335")  # the name stays NVML's
+
+
+async def test_amd_apu_is_integrated_and_dgpu_is_not(tree: SysfsTree) -> None:
+    tree.pci_ids()
+    tree.add_amdgpu("0000:03:00.0")
+    tree.add_amd_apu("0000:c4:00.0")
+    inv = inventory(tree)
+    dgpu, apu = await inv.scan()
+    assert (dgpu.integrated, apu.integrated) == (False, True)
+    assert apu.name == "Phoenix1"
+    assert apu.memory_total_bytes == 512 << 20  # the carve-out, as amdgpu reports it
+    assert [g.pci_bus_id for g in inv.offerable([dgpu, apu])] == ["0000:03:00.0"]
+    # An older kernel without board_info: the dGPU's ROM alone keeps it discrete.
+    os.unlink(tree.root / "devices" / "pci0000:00" / "0000:03:00.0" / "board_info")
+    assert [g.integrated for g in await inv.scan()] == [False, True]
+
+
+def _xe_client(busy: int, total: int) -> dict[str, object]:
+    return {"drm-driver": "xe", "drm-client-id": "3", "drm-pdev": "0000:05:00.0",
+            "drm-cycles-rcs": busy, "drm-total-cycles-rcs": total,
+            "drm-cycles-ccs": 0, "drm-total-cycles-ccs": total,
+            "drm-engine-capacity-ccs": 4}
+
+
+def test_xe_utilisation_from_fdinfo_cycles_between_two_scans(tree: SysfsTree,
+                                                              tmp_path: Path) -> None:
+    tree.add_xe()
+    proc = ProcTree(tmp_path / "proc")
+    proc.fd(300, 8, "/dev/dri/renderD128", _xe_client(28257900, 7655183225))
+    now = [10.0]
+    detector = IntelDetector(tree.root, proc_root=proc.root, clock=lambda: now[0])
+    assert detector.detect()[0].utilization is None  # one sample gives no rate
+    # 1e9 cycles later the render engine was busy for 250e6 of them; compute 4 engines x 0.
+    proc.fd(300, 8, "/dev/dri/renderD128", _xe_client(28257900 + 250_000_000,
+                                                      7655183225 + 1_000_000_000))
+    now[0] += 2.0
+    assert detector.detect()[0].utilization == pytest.approx(0.25)
+    # All four compute engines half busy: 2e9 busy cycles over 1e9 elapsed on 4 engines.
+    fields = _xe_client(278257900, 8655183225 + 1_000_000_000)
+    fields["drm-cycles-ccs"] = 2_000_000_000
+    proc.fd(300, 8, "/dev/dri/renderD128", fields)
+    assert detector.detect()[0].utilization == pytest.approx(0.5)
+
+
+def test_i915_utilisation_from_engine_ns_summed_over_clients(tree: SysfsTree,
+                                                             tmp_path: Path) -> None:
+    tree.add_i915_igpu()
+    tree.add_i915_arc()
+    proc = ProcTree(tmp_path / "proc")
+
+    def arc(client: int, render_ns: int, video_ns: int = 0) -> dict[str, object]:
+        return {"drm-driver": "i915", "drm-pdev": "0000:04:00.0", "drm-client-id": client,
+                "drm-engine-render": f"{render_ns} ns", "drm-engine-copy": "0 ns",
+                "drm-engine-video": f"{video_ns} ns", "drm-engine-capacity-video": 2}
+
+    proc.fd(100, 5, "/dev/dri/renderD129", arc(7, 1_000_000_000))
+    proc.fd(100, 6, "/dev/dri/renderD129", arc(7, 1_000_000_000))  # same client, 2nd fd
+    proc.fd(200, 3, "/dev/dri/renderD129", arc(9, 5_000_000_000, 0))
+    now = [50.0]
+    detector = IntelDetector(tree.root, proc_root=proc.root, clock=lambda: now[0])
+    assert [g.utilization for g in detector.detect()] == [None, None]
+    # 4 s later: client 7 ran render 1 s, client 9 ran 1.2 s; video 4 s on 2 engines = 50 %.
+    now[0] += 4.0
+    proc.fd(100, 5, "/dev/dri/renderD129", arc(7, 2_000_000_000))
+    proc.fd(100, 6, "/dev/dri/renderD129", arc(7, 2_000_000_000))
+    proc.fd(200, 3, "/dev/dri/renderD129", arc(9, 6_200_000_000, 4_000_000_000))
+    igpu, gpu = detector.detect()
+    assert gpu.utilization == pytest.approx(0.55)  # render: (1 + 1.2) s / 4 s, the busiest
+    assert igpu.utilization == 0.0  # no client at all: idle, not unknown
+    # A counter that steps back is held at its larger value (drm-usage-stats.rst).
+    now[0] += 1.0
+    proc.fd(200, 3, "/dev/dri/renderD129", arc(9, 6_000_000_000, 4_000_000_000))
+    proc.fd(100, 5, "/dev/dri/renderD129", arc(7, 2_000_000_000))
+    assert detector.detect()[1].utilization == 0.0
+
+
+def test_intel_utilisation_is_null_without_proc_root(tree: SysfsTree) -> None:
+    tree.add_xe()
+    detector = IntelDetector(tree.root)
+    detector.detect()
+    assert detector.detect()[0].utilization is None
+
+
+async def test_i915_memory_total_where_the_out_of_tree_driver_exposes_it(
+        tree: SysfsTree) -> None:
+    tree.add_i915_arc("0000:04:00.0", lmem=(16 * GiB, 12 * GiB))
+    tree.add_i915_arc("0000:06:00.0")  # mainline i915: no file, so null
+    backport, mainline = await inventory(tree).scan()
+    assert (backport.memory_total_bytes, backport.memory_used_bytes) == (16 * GiB, 4 * GiB)
+    assert (mainline.memory_total_bytes, mainline.memory_used_bytes) == (None, None)

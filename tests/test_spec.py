@@ -7,16 +7,16 @@ from pathlib import Path
 
 from agent.config import BackendConfig
 from agent.docker.spec import LABEL_HASH, ContainerSpec, build_spec
-from agent.engines import PROFILES
 from tests.test_placement import gpu
 
 
 def spec(engine: str = "vllm", gpus: tuple = (), vendor: str | None = "nvidia",
-         node_gpus: tuple = (), **kw: object) -> ContainerSpec:
+         node_gpus: tuple = (), gids: dict[str, int] | None = None,
+         **kw: object) -> ContainerSpec:
     kw.setdefault("port", 8001)
     b = BackendConfig(name="llm", model="meta/llama", engine=engine, **kw)  # type: ignore[arg-type]
     return build_spec("n1", b, list(gpus), vendor, models_dir="/srv/models",  # type: ignore[arg-type]
-                      advertise_host="10.0.0.5", node_gpus=list(node_gpus))
+                      advertise_host="10.0.0.5", node_gpus=list(node_gpus), device_gids=gids)
 
 
 def test_labels_name_the_node_backend_and_config_hash() -> None:
@@ -98,20 +98,6 @@ def test_openvino_serves_the_api_under_v3_and_config_can_override_it() -> None:
                       advertise_host="127.0.0.1").api_path == "/openai/v1"
 
 
-def test_default_engine_images_are_pinned_and_match_the_dockerfiles() -> None:
-    # docker/<dir>/Dockerfile builds each vendor's image on the same upstream tag the agent
-    # runs by default; neither may drift to a moving tag.
-    root = Path(__file__).resolve().parent.parent / "docker"
-    pairs = {"vllm-cuda": ("vllm", "nvidia"), "vllm-rocm": ("vllm", "amd"),
-             "ipex-llm": ("ipex-llm", "intel"), "openvino": ("openvino", "intel")}
-    for folder, key in pairs.items():
-        (base,) = [line.split()[1] for line in (root / folder / "Dockerfile").read_text()
-                   .splitlines() if line.startswith("FROM ")]
-        image = PROFILES[key].image
-        assert image == base, (folder, image, base)
-        assert image is not None and not image.endswith(":latest")
-
-
 def test_a_cpu_quota_is_in_the_spec_and_the_hash() -> None:
     plain = spec("sim", vendor=None)
     quota = spec("sim", vendor=None, cpus=0.5, cpuset="0-1")
@@ -142,3 +128,42 @@ def test_a_quota_beyond_the_node_is_refused_with_the_reason() -> None:
     assert quota_problem(2.0, "0-1", cores) is None
     assert "exceeds this node's 2 usable cores" in (quota_problem(4.0, None, cores) or "")
     assert "names CPUs this node cannot use: 2,3" in (quota_problem(None, "1-3", cores) or "")
+
+
+def test_gpu_groups_are_the_numeric_gids_of_the_device_nodes() -> None:
+    # An engine image without "video"/"render" in its /etc/group still gets the groups.
+    amd = gpu(2, "amd")
+    gids = {"/dev/kfd": 992, "/dev/dri/renderD130": 992, "/dev/dri/card2": 44}
+    s = spec(gpus=(amd,), vendor="amd", gids=gids)
+    assert s.group_add == ["992"]  # kfd and renderD130 share the render group: once
+    old_distro = spec(gpus=(amd,), vendor="amd", gids={**gids, "/dev/kfd": 44})
+    assert old_distro.group_add == ["44", "992"]  # kfd owned by video there
+    intel = dataclasses.replace(gpu(1, "intel"), card_node="/dev/dri/card1")
+    i = spec("ipex-llm", (intel,), "intel", node_gpus=(intel,),
+             gids={"/dev/dri/renderD129": 109, "/dev/dri/card1": 44})
+    assert i.group_add == ["109", "44"]
+    assert spec(gpus=(gpu(0),), gids=gids).group_add == []  # NVIDIA: the toolkit's business
+    # Unreadable nodes: AMD keeps the group names, as before.
+    assert spec(gpus=(amd,), vendor="amd", gids={}).group_add == ["video", "render"]
+
+
+def test_gids_are_read_from_the_device_nodes_under_a_dev_root(tmp_path: Path) -> None:
+    import os
+
+    import pytest
+
+    from agent.inventory.devnodes import device_gids, device_nodes
+
+    amd = gpu(2, "amd")
+    nodes = device_nodes([amd])
+    assert nodes[0] == "/dev/kfd" and "/dev/dri/renderD130" in nodes
+    (tmp_path / "dri").mkdir()
+    (tmp_path / "kfd").touch()
+    (tmp_path / "dri" / "renderD130").touch()
+    if os.geteuid() != 0:
+        pytest.skip("chown to the render group needs root")
+    os.chown(tmp_path / "kfd", 0, 992)
+    os.chown(tmp_path / "dri" / "renderD130", 0, 992)
+    gids = device_gids(nodes, str(tmp_path))
+    assert gids == {"/dev/kfd": 992, "/dev/dri/renderD130": 992}  # card2 absent: left out
+    assert spec(gpus=(amd,), vendor="amd", gids=gids).group_add == ["992"]

@@ -8,7 +8,7 @@ hash and a recreated container, and an agent restart with the same config adopts
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 
 import orjson
@@ -73,9 +73,14 @@ def container_name(node: str, backend: str) -> str:
 
 
 def _gpu_access(vendor: Vendor | None, gpus: Sequence[GpuRecord],
-                node_gpus: Sequence[GpuRecord]) -> tuple[list[str], list[str], list[str],
-                                                        dict[str, str]]:
-    """(nvidia device ids, device nodes, groups, env) for the GPUs (docs/contracts.md)."""
+                node_gpus: Sequence[GpuRecord], gids: Mapping[str, int]
+                ) -> tuple[list[str], list[str], list[str], dict[str, str]]:
+    """(nvidia device ids, device nodes, groups, env) for the GPUs (docs/contracts.md).
+
+    ``gids`` maps device nodes to the gid owning them on the host (read by the caller, so
+    this stays pure): the container joins those groups by number, which works in images
+    whose /etc/group lacks "video"/"render". Without them AMD falls back to the names.
+    """
     if not gpus:
         return [], [], [], {}
     renders = [g.render_node for g in gpus if g.render_node]
@@ -86,27 +91,37 @@ def _gpu_access(vendor: Vendor | None, gpus: Sequence[GpuRecord],
     local = ",".join(str(i) for i in range(len(gpus)))
     if vendor == "amd":
         devices = ["/dev/kfd", *renders]
-        return [], [f"{d}:{d}:rwm" for d in devices], ["video", "render"], \
+        return [], [f"{d}:{d}:rwm" for d in devices], _groups(devices, gids, ["video", "render"]), \
             {"HIP_VISIBLE_DEVICES": local}
     cards = [g.card_node for g in gpus if g.card_node]
     devices = [*renders, *cards]
     env = {}
     if sum(1 for g in node_gpus if g.vendor == "intel") > 1:
         env["ZE_AFFINITY_MASK"] = local
-    return [], [f"{d}:{d}:rwm" for d in devices], [], env
+    return [], [f"{d}:{d}:rwm" for d in devices], _groups(devices, gids, []), env
+
+
+def _groups(devices: Sequence[str], gids: Mapping[str, int], names: list[str]) -> list[str]:
+    """The numeric gids owning ``devices`` (once each, in device order); ``names`` when
+    none of them could be read."""
+    found = [str(gids[d]) for d in devices if d in gids]
+    return list(dict.fromkeys(found)) if found else names
 
 
 def build_spec(node: str, backend: BackendConfig, gpus: Sequence[GpuRecord],
                vendor: Vendor | None, *, models_dir: str, advertise_host: str,
-               node_gpus: Sequence[GpuRecord] = (), deployment: str | None = None
-               ) -> ContainerSpec:
-    """The container for ``backend`` with ``gpus``; raises EngineError when it cannot run."""
+               node_gpus: Sequence[GpuRecord] = (), deployment: str | None = None,
+               device_gids: Mapping[str, int] | None = None) -> ContainerSpec:
+    """The container for ``backend`` with ``gpus``; raises EngineError when it cannot run.
+
+    ``device_gids``: the host gid owning each device node (agent.inventory.devnodes)."""
     host_net = backend.network == "host"
     # With host networking the engine binds the advertised address itself; on a bridge it
     # binds everything inside its namespace and Docker publishes the port on that address.
     bind_host = advertise_host if host_net else "0.0.0.0"
     launch = resolve(backend, vendor, bind_host)
-    nvidia_ids, devices, groups, gpu_env = _gpu_access(vendor, gpus, node_gpus)
+    nvidia_ids, devices, groups, gpu_env = _gpu_access(vendor, gpus, node_gpus,
+                                                      device_gids or {})
     spec = ContainerSpec(
         name=container_name(node, backend.name),
         backend=backend.name,

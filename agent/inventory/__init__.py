@@ -12,13 +12,15 @@ import dataclasses
 import logging
 from collections.abc import AsyncIterator
 from concurrent.futures import Executor
+from pathlib import Path
 
 from agent.inventory.amd import AmdDetector
 from agent.inventory.base import Detector
 from agent.inventory.intel import IntelDetector
 from agent.inventory.nvidia import NvidiaDetector
 from agent.inventory.nvml import NvmlApi, Pynvml
-from agent.inventory.pci import enumerate_gpus
+from agent.inventory.pci import AMD, INTEL, NVIDIA, enumerate_gpus
+from agent.inventory.pciids import PciIdsCache, find_pci_ids
 from agent.inventory.udev import open_monitor, uevents
 from common.records import GpuRecord
 
@@ -40,13 +42,19 @@ class Inventory:
 
     def __init__(self, sysfs_root: str = "/sys", nvml: NvmlApi | None = None, *,
                  offer_integrated: bool = False, executor: Executor | None = None,
-                 proc_root: str | None = None, uevent_subsystem: str = "drm") -> None:
+                 proc_root: str | None = None, uevent_subsystem: str = "drm",
+                 pci_ids: str | None = None) -> None:
         self.sysfs_root = sysfs_root
         self.offer_integrated = offer_integrated
         self._executor = executor
         self._nvidia = NvidiaDetector(nvml if nvml is not None else Pynvml())
+        # GPU names: pci.ids at ``pci_ids``, else the one installed under the filesystem
+        # that holds sysfs_root (/ for /sys; a host mounted at /host gives /host/usr/...).
+        path = Path(pci_ids) if pci_ids else find_pci_ids(Path(sysfs_root).parent)
+        names = PciIdsCache(path, frozenset({AMD, INTEL, NVIDIA})).get
         self.detectors: list[Detector] = [
-            self._nvidia, AmdDetector(sysfs_root), IntelDetector(sysfs_root, proc_root)]
+            self._nvidia, AmdDetector(sysfs_root, names),
+            IntelDetector(sysfs_root, proc_root, names=names)]
         self._subsystem = uevent_subsystem
         self._lock = asyncio.Lock()
         # Each detector's last good answer, by position in ``detectors``.
@@ -68,10 +76,14 @@ class Inventory:
             else:
                 self._last[i] = found
             gpus.extend(found)
-        nodes = {g.bus_id: g.render_node for g in enumerate_gpus(self.sysfs_root)}
-        # NVML knows no DRM nodes; nvidia-drm registers them where it is loaded.
-        gpus = [dataclasses.replace(g, render_node=nodes.get(g.pci_bus_id))
-                if g.vendor == "nvidia" and g.render_node is None else g for g in gpus]
+        pci = {g.bus_id: g for g in enumerate_gpus(self.sysfs_root)}
+        # NVML knows no DRM nodes (nvidia-drm registers them where it is loaded), and the
+        # detector asks it for no PCI ids: both come from the PCI function in sysfs.
+        for i, g in enumerate(gpus):
+            fn = pci.get(g.pci_bus_id)
+            if g.vendor == "nvidia" and fn is not None:
+                gpus[i] = dataclasses.replace(g, render_node=g.render_node or fn.render_node,
+                                              pci_id=g.pci_id or fn.pci_id)
         return order_gpus(gpus)
 
     async def scan(self) -> list[GpuRecord]:

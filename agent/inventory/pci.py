@@ -36,6 +36,14 @@ class PciGpu:
     device_dir: Path     # .../devices/pci0000:00/0000:03:00.0 (symlinks resolved)
     card: str | None     # "card1" when a DRM driver registered one
     render_node: str | None  # "/dev/dri/renderD129"
+    # The board's subsystem ids (sysfs subsystem_vendor/_device): pci.ids names boards by them.
+    subsystem_vendor_id: int | None = None
+    subsystem_device_id: int | None = None
+
+    @property
+    def pci_id(self) -> str:
+        """"1002:744c", as lspci -nn writes it."""
+        return f"{self.vendor_id:04x}:{self.device_id:04x}"
 
 
 def normalise_bus_id(bus_id: str) -> str:
@@ -88,6 +96,8 @@ def _describe(device: Path, card: str | None) -> PciGpu | None:
         bus_id=normalise_bus_id(bus_id), vendor_id=vendor, device_id=device_id,
         pci_class=pci_class, driver=_driver(device), device_dir=device,
         card=card or own_card, render_node=render,
+        subsystem_vendor_id=read_int(device / "subsystem_vendor"),
+        subsystem_device_id=read_int(device / "subsystem_device"),
     )
 
 
