@@ -167,3 +167,15 @@ def test_gids_are_read_from_the_device_nodes_under_a_dev_root(tmp_path: Path) ->
     gids = device_gids(nodes, str(tmp_path))
     assert gids == {"/dev/kfd": 992, "/dev/dri/renderD130": 992}  # card2 absent: left out
     assert spec(gpus=(amd,), vendor="amd", gids=gids).group_add == ["992"]
+
+
+def test_numeric_groups_hash_as_the_names_did_so_an_upgrade_recreates_nothing() -> None:
+    amd = (gpu(2, "amd"),)
+    named = spec(gpus=amd, vendor="amd")
+    numbered = build_spec("n1", BackendConfig(name="llm", model="meta/llama", engine="vllm",
+                                              port=8001), list(amd), "amd",
+                          models_dir="/srv/models", advertise_host="10.0.0.5",
+                          device_gids={"/dev/kfd": 993, "/dev/dri/renderD130": 992})
+    assert named.group_add == ["video", "render"]
+    assert numbered.group_add == ["993", "992"]
+    assert numbered.config_hash == named.config_hash

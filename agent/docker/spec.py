@@ -150,6 +150,11 @@ def build_spec(node: str, backend: BackendConfig, gpus: Sequence[GpuRecord],
         url=backend_url(advertise_host, backend.port),
     )
     defined = {k: v for k, v in asdict(spec).items() if not (k in _ADDED_LATER and v is None)}
+    # The groups follow from the device nodes: numeric gids read from them now, the names
+    # "video"/"render" (AMD only) before. Hashed as before, so that an agent upgrade does not
+    # recreate every AMD and Intel engine of the fleet; a container made with the names keeps
+    # working as it did.
+    defined["group_add"] = ["video", "render"] if vendor == "amd" and gpus else []
     digest = hashlib.sha256(orjson.dumps(defined, option=orjson.OPT_SORT_KEYS))
     labels = {LABEL_MANAGED: "true", LABEL_NODE: node, LABEL_BACKEND: backend.name,
               LABEL_HASH: digest.hexdigest()[:16], LABEL_PORT: str(backend.port)}
