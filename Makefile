@@ -4,7 +4,8 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo down test lint unit sim-image images services clean
+.PHONY: demo down test lint unit sim-image images services clean install uninstall dist \
+	constraints
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,3 +40,24 @@ down: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .run .cache
+
+# On a machine: `sudo make install` (agent and scheduler; INSTALL_ARGS=--agent for one, or
+# --restart after an upgrade), `sudo make uninstall` (INSTALL_ARGS=--purge: config too).
+# No dev venv needed: scripts/install builds the wheel itself (docs/deploy.md).
+install:
+	scripts/install $(INSTALL_ARGS)
+
+uninstall:
+	scripts/install --uninstall $(INSTALL_ARGS)
+
+# dist/aivmm-<version>.tar.gz and dist/aivmm-<version>-py3-none-any.whl; the version is
+# pyproject.toml's.
+dist: $(STAMP)
+	$(PY) -m build --outdir dist .
+
+# scripts/constraints.txt from a fresh resolve of pyproject.toml's dependencies.
+constraints:
+	rm -rf .cache/constraints && $(PYTHON) -m venv .cache/constraints
+	.cache/constraints/bin/pip install -q .
+	{ sed -n '/^#/p' scripts/constraints.txt; .cache/constraints/bin/pip freeze --exclude aivmm; } \
+		> .cache/constraints.txt && mv .cache/constraints.txt scripts/constraints.txt

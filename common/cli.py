@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import platform
 import sys
 from collections.abc import Mapping, Sequence
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as dist_version
 from typing import TypeVar
 
 from common import config
@@ -15,9 +18,35 @@ T = TypeVar("T")
 EXIT_CONFIG = 2
 
 
+def version_text(prog: str) -> str:
+    """What --version prints: the installed aivmm version (pyproject.toml's, read from the
+    package metadata) and the environment it runs from (/opt/aivmm/envs/... when installed
+    with scripts/install)."""
+    try:
+        release = dist_version("aivmm")
+    except PackageNotFoundError:
+        release = "0+unknown"
+    return f"{prog} {release} (python {platform.python_version()}, {sys.prefix})"
+
+
+class VersionAction(argparse.Action):
+    """--version: ``version_text`` on one line (argparse's own action wraps it)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS,
+                 default: str = argparse.SUPPRESS, help: str = "print the version and exit"
+                 ) -> None:
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: object, option_string: str | None = None) -> None:
+        print(version_text(parser.prog))
+        parser.exit()
+
+
 def daemon_parser(prog: str, default_config: str, description: str) -> argparse.ArgumentParser:
     """An argument parser with the flags every daemon takes (docs/contracts.md: Commands)."""
     parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--version", action=VersionAction)
     parser.add_argument("--config", metavar="PATH", default=None,
                         help=f"TOML config file (default {default_config})")
     parser.add_argument("--etcd", metavar="URL[,URL...]", help="etcd endpoints")

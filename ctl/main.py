@@ -13,6 +13,7 @@ from typing import Any, NoReturn
 import orjson
 
 from common import audit
+from common.cli import VersionAction
 from common.deployview import deployment_views, parse_backends, read_records
 from common.endpoints import etcd_target
 from common.keys import Keys
@@ -210,6 +211,7 @@ class Parser(argparse.ArgumentParser):
 
 def parser() -> argparse.ArgumentParser:
     p = Parser(prog="aivmmctl", description="Inspect and steer an aivmm cluster.")
+    p.add_argument("--version", action=VersionAction)
     p.add_argument("--etcd", default=os.environ.get("AIVMM_ETCD", "http://127.0.0.1:2379"),
                    metavar="URL[,URL...]", help="etcd endpoints (env AIVMM_ETCD)")
     p.add_argument("--prefix", default=os.environ.get("AIVMM_ETCD_PREFIX", "/aivmm/v1"),
