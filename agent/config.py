@@ -9,7 +9,7 @@ from typing import Literal
 
 from common.config import DaemonConfig, host_port, port_number, positive, setting
 
-Engine = Literal["vllm", "ipex-llm", "openvino", "sim", "custom"]
+Engine = Literal["vllm", "sglang", "openvino", "llamacpp", "ipex-llm", "sim", "custom"]
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 _MEMORY = re.compile(r"^[0-9]+[bkmgBKMG]?$")
 

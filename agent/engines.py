@@ -7,12 +7,16 @@ environment it needs. docs/engines.md describes each profile for operators.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from agent.config import BackendConfig
+from common.engines import CPU_ENGINES, ENGINE_ALIASES
 from common.engines import ENGINE_VENDORS as ENGINE_VENDORS  # shared with the placer
 from common.records import Vendor
+
+log = logging.getLogger(__name__)
 
 # Argument builder: (model, bind host, port) -> the engine's own arguments.
 Args = Callable[[str, str, int], list[str]]
@@ -51,49 +55,120 @@ class Launch:
 
 
 def _vllm_args(model: str, host: str, port: int) -> list[str]:
-    return ["--model", model, "--served-model-name", model, "--host", host, "--port", str(port)]
+    # `vllm serve MODEL`: the model is positional (the --model option is deprecated there).
+    return [model, "--served-model-name", model, "--host", host, "--port", str(port)]
 
 
-def _ipex_args(model: str, host: str, port: int) -> list[str]:
-    return [*_vllm_args(model, host, port), "--device", "xpu", "--load-in-low-bit", "fp8"]
+def _sglang_args(model: str, host: str, port: int) -> list[str]:
+    # --enable-metrics: SGLang serves /metrics only when asked (the probe reads the load).
+    return ["--model-path", model, "--served-model-name", model, "--host", host,
+            "--port", str(port), "--enable-metrics"]
 
 
 def _ovms_args(model: str, host: str, port: int) -> list[str]:
     return ["--source_model", model, "--model_name", model, "--model_repository_path",
             "/models", "--rest_bind_address", host, "--rest_port", str(port),
-            "--target_device", "GPU", "--task", "text_generation"]
+            "--target_device", "GPU", "--task", "text_generation", "--metrics_enable"]
+
+
+def llamacpp_model_args(model: str) -> list[str]:
+    """``-m /models/<model>`` when ``model`` names a GGUF file under models_dir, else nothing.
+
+    llama.cpp serves one GGUF file. A model id that is not a ``.gguf`` path is only the name
+    clients use (``--alias``); the backend's ``args`` then give the file (``-m /models/...``).
+    """
+    if not model.lower().endswith(".gguf"):
+        return []
+    rel = model.lstrip("/")
+    if ".." in rel.split("/"):
+        raise EngineError(f"model '{model}' leaves the models directory")
+    return ["-m", f"/models/{rel}"]
+
+
+def _llamacpp_args(model: str, host: str, port: int) -> list[str]:
+    # --alias: /v1/models lists the backend's model id, which the scheduler routes on.
+    # --metrics: llama-server serves /metrics only when asked.
+    return [*llamacpp_model_args(model), "--alias", model, "--host", host, "--port", str(port),
+            "--metrics"]
+
+
+def _llamacpp_gpu_args(model: str, host: str, port: int) -> list[str]:
+    # Every layer on the GPU (older builds offload none by default).
+    return [*_llamacpp_args(model, host, port), "--n-gpu-layers", "999"]
 
 
 def _sim_args(model: str, host: str, port: int) -> list[str]:
     return ["--host", host, "--port", str(port), "--model", model]
 
 
-def _no_args(model: str, host: str, port: int) -> list[str]:
-    return []
-
-
 # Engines read weights from the read-only /models mount and must never try to download.
 _OFFLINE = {"HF_HOME": "/models", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+_VLLM = ["vllm", "serve"]
+_SGLANG = ["python3", "-m", "sglang.launch_server"]
+_LLAMACPP = "ghcr.io/ggml-org/llama.cpp"
+# llama.cpp build b11382 (every variant is cut from the same commit and tagged together).
+_LLAMACPP_BUILD = "b11382"
 
-# Default images are pinned, the same tags docker/*/Dockerfile build on (a test keeps the two
-# in step): a moving tag would change what a node runs without anyone changing its config.
+# Default images are pinned, the same tags docker/*/Dockerfile build on (tests/test_images.py
+# keeps the two in step): a moving tag would change what a node runs without anyone changing
+# its config. docs/engines.md gives the source and the date each tag and flag was checked.
 PROFILES: dict[tuple[str, Vendor | None], Profile] = {
-    ("vllm", "nvidia"): Profile("vllm", "nvidia", "vllm/vllm-openai:v0.6.4.post1", _vllm_args,
-                                env=dict(_OFFLINE)),
-    ("vllm", "amd"): Profile("vllm", "amd",
-                             "rocm/vllm:rocm6.2_mi300_ubuntu20.04_py3.9_vllm_0.6.4", _vllm_args,
-                             env=dict(_OFFLINE),
-                             entrypoint=["python3", "-m", "vllm.entrypoints.openai.api_server"]),
-    ("ipex-llm", "intel"): Profile(
-        "ipex-llm", "intel", "intelanalytics/ipex-llm-serving-xpu:2.2.0", _ipex_args,
-        env={**_OFFLINE, "SYCL_CACHE_PERSISTENT": "1", "ZES_ENABLE_SYSMAN": "1"},
-        entrypoint=["python", "-m", "ipex_llm.vllm.xpu.entrypoints.openai.api_server"]),
+    ("vllm", "nvidia"): Profile("vllm", "nvidia", "vllm/vllm-openai:v0.31.0", _vllm_args,
+                                env=dict(_OFFLINE), entrypoint=_VLLM),
+    ("vllm", "amd"): Profile("vllm", "amd", "vllm/vllm-openai-rocm:v0.31.0", _vllm_args,
+                             env=dict(_OFFLINE), entrypoint=_VLLM),
+    ("vllm", "intel"): Profile("vllm", "intel", "vllm/vllm-openai-xpu:v0.31.0", _vllm_args,
+                               env={**_OFFLINE, "VLLM_WORKER_MULTIPROC_METHOD": "spawn"},
+                               entrypoint=_VLLM),
+    ("sglang", "nvidia"): Profile("sglang", "nvidia", "lmsysorg/sglang:v0.5.21", _sglang_args,
+                                  env=dict(_OFFLINE), entrypoint=_SGLANG),
+    ("sglang", "amd"): Profile("sglang", "amd", "lmsysorg/sglang:v0.5.21-rocm10-mi30x",
+                               _sglang_args, env=dict(_OFFLINE), entrypoint=_SGLANG),
     ("openvino", "intel"): Profile(
-        "openvino", "intel", "openvino/model_server:2024.5-gpu", _ovms_args,
+        "openvino", "intel", "openvino/model_server:2026.4.1-gpu", _ovms_args,
         health_path="/v2/health/ready", env={"HF_HUB_OFFLINE": "1"}, api_path="/v3"),
+    ("llamacpp", "nvidia"): Profile("llamacpp", "nvidia",
+                                    f"{_LLAMACPP}:server-cuda-{_LLAMACPP_BUILD}",
+                                    _llamacpp_gpu_args),
+    ("llamacpp", "amd"): Profile("llamacpp", "amd", f"{_LLAMACPP}:server-rocm-{_LLAMACPP_BUILD}",
+                                 _llamacpp_gpu_args),
+    # SYCL (oneAPI) for Intel; the Vulkan image (server-vulkan-...) runs on any of the three
+    # vendors and is a custom `image` away.
+    ("llamacpp", "intel"): Profile("llamacpp", "intel",
+                                   f"{_LLAMACPP}:server-intel-{_LLAMACPP_BUILD}",
+                                   _llamacpp_gpu_args),
+    ("llamacpp", None): Profile("llamacpp", None, f"{_LLAMACPP}:server-{_LLAMACPP_BUILD}",
+                                _llamacpp_args),
     # The sim image's own entrypoint runs the server (devtools/image.py builds it).
     ("sim", None): Profile("sim", None, "aivmm-sim:latest", _sim_args),
 }
+
+# The image each docker/<folder>/Dockerfile builds on: one folder per profile with an
+# upstream image (tests/test_images.py checks both directions).
+DOCKERFILES: dict[str, tuple[str, Vendor | None]] = {
+    "vllm-cuda": ("vllm", "nvidia"), "vllm-rocm": ("vllm", "amd"),
+    "vllm-xpu": ("vllm", "intel"), "sglang-cuda": ("sglang", "nvidia"),
+    "sglang-rocm": ("sglang", "amd"), "openvino": ("openvino", "intel"),
+    "llamacpp-cuda": ("llamacpp", "nvidia"), "llamacpp-rocm": ("llamacpp", "amd"),
+    "llamacpp-sycl": ("llamacpp", "intel"), "llamacpp-cpu": ("llamacpp", None),
+}
+
+_warned: set[str] = set()
+
+
+def canonical_engine(engine: str) -> str:
+    """The engine that serves ``engine``: itself, or what a deprecated alias now means.
+
+    A deprecated name is logged once per process, with the name to use instead.
+    """
+    target = ENGINE_ALIASES.get(engine)
+    if target is None:
+        return engine
+    if engine not in _warned:
+        _warned.add(engine)
+        log.warning("engine '%s' is deprecated and now runs '%s' (its Intel XPU image); "
+                    "write engine = \"%s\"", engine, target, target)
+    return target
 
 
 def needs_gpus(backend: BackendConfig) -> bool:
@@ -115,9 +190,14 @@ def resolve(backend: BackendConfig, vendor: Vendor | None, bind_host: str) -> La
             raise EngineError("engine 'custom' needs an image")
         return Launch(backend.image, None, list(backend.args), dict(backend.env),
                       backend.health_path or "/health", backend.api_path or "/v1")
-    profile = PROFILES.get((backend.engine, vendor))
+    engine = canonical_engine(backend.engine)
+    # An alias runs only where the old engine did (ipex-llm: Intel GPUs).
+    profile = PROFILES.get((engine, vendor)) if (
+        engine == backend.engine or vendor in ENGINE_VENDORS[backend.engine]) else None
     if profile is None:
         supported = ", ".join(ENGINE_VENDORS[backend.engine]) or "no GPUs"
+        if backend.engine in CPU_ENGINES:
+            supported += " or with no GPU"
         raise EngineError(f"engine '{backend.engine}' does not run on {vendor or 'no GPU'} "
                           f"(it runs on {supported})")
     image = backend.image or profile.image
@@ -132,11 +212,16 @@ def resolve(backend: BackendConfig, vendor: Vendor | None, bind_host: str) -> La
 def share_args(engine: str, fraction: float) -> list[str]:
     """Arguments that keep an engine within ``fraction`` of a GPU it shares with others.
 
-    vLLM takes 90 % of a GPU's memory by default, whatever else runs there; told a fraction,
-    it stays within it. The other engines size their memory by the model and take no such
-    flag: the reservation is then the operator's estimate (docs/deployments.md).
+    vLLM takes 90 % of a GPU's memory by default (SGLang most of it), whatever else runs
+    there; told a fraction, each stays within it. The other engines size their memory by the
+    model and take no such flag: the reservation is then the operator's estimate
+    (docs/deployments.md).
     """
-    if engine in ("vllm", "ipex-llm"):
-        # Rounded down: two replicas at 0.5 each must not sum to more than the GPU.
-        return ["--gpu-memory-utilization", f"{int(fraction * 100) / 100:.2f}"]
+    # Rounded down: two replicas at 0.5 each must not sum to more than the GPU.
+    share = f"{int(fraction * 100) / 100:.2f}"
+    if canonical_engine(engine) == "vllm":
+        return ["--gpu-memory-utilization", share]
+    if engine == "sglang":
+        # SGLang's static pool (weights and KV cache) as a fraction of the GPU's memory.
+        return ["--mem-fraction-static", share]
     return []

@@ -41,7 +41,7 @@ from common.records import (
 from common.store import Compare, EtcdStore
 
 EXIT_USAGE = 2
-ENGINES = ("auto", "vllm", "ipex-llm", "openvino", "sim", "custom")
+ENGINES = ("auto", "vllm", "sglang", "openvino", "llamacpp", "ipex-llm", "sim", "custom")
 VERBS = ("deploy", "scale", "undeploy", "deployments")
 CAS_ATTEMPTS = 5
 

@@ -18,6 +18,8 @@ import pytest
 import yaml
 
 from agent.config import AgentConfig
+from agent.engines import DOCKERFILES as ENGINE_DOCKERFILES
+from agent.engines import PROFILES
 from common.config import load
 from devtools.agentproc import ROOT
 from devtools.services import DockerEngine, EtcdServer, free_port, wait_until
@@ -84,17 +86,40 @@ def test_dockerfile_rules_catch_what_they_should() -> None:
 
 def test_every_image_has_a_dockerfile_that_keeps_the_rules() -> None:
     names = {p.parent.name for p in DOCKERFILES}
-    assert names == {"vllm-cuda", "vllm-rocm", "ipex-llm", "openvino", "agent", "scheduler"}
+    assert names == {*ENGINE_DOCKERFILES, "agent", "scheduler"}
     for path in DOCKERFILES:
         assert dockerfile_problems(path.read_text()) == [], path
 
 
+def test_every_profile_and_its_dockerfile_are_in_step() -> None:
+    # Both ways: each profile with an upstream image has a docker/<folder>/Dockerfile built
+    # FROM that very tag (pinned, never :latest), and each engine folder names a profile.
+    upstream = {key for key, p in PROFILES.items() if p.image and not p.image.startswith("aivmm-")}
+    assert set(ENGINE_DOCKERFILES.values()) == upstream
+    for folder, key in ENGINE_DOCKERFILES.items():
+        steps = instructions((DOCKER_DIR / folder / "Dockerfile").read_text())
+        (base,) = [args.split()[0] for word, args in steps if word == "FROM"]
+        image = PROFILES[key].image
+        assert image == base, (folder, image, base)
+        assert PINNED.match(base), (folder, base)
+        labels = " ".join(args for word, args in steps if word == "LABEL")
+        assert f"aivmm.engine={key[0]}" in labels, folder
+        assert f"aivmm.vendor={key[1] or 'none'}" in labels, folder
+        # The image's own entrypoint is the one the profile relies on (or replaces).
+        entry = json.loads(next(args for word, args in steps if word == "ENTRYPOINT"))
+        assert PROFILES[key].entrypoint in (None, entry), (folder, entry)
+
+
 def test_engine_images_mount_models_and_serve_the_ports_the_agent_expects() -> None:
-    for name in ("vllm-cuda", "vllm-rocm", "ipex-llm", "openvino"):
+    for name, (engine, _) in ENGINE_DOCKERFILES.items():
         steps = instructions((DOCKER_DIR / name / "Dockerfile").read_text())
         assert ("VOLUME", '["/models"]') in steps, name
-        env = " ".join(args for word, args in steps if word == "ENV")
-        assert "HF_HUB_OFFLINE=1" in env, name  # weights only from /models
+        if engine in ("vllm", "sglang", "openvino"):
+            env = " ".join(args for word, args in steps if word == "ENV")
+            assert "HF_HUB_OFFLINE=1" in env, name  # weights only from /models
+        health = next(args for word, args in steps if word == "HEALTHCHECK")
+        path = PROFILES[ENGINE_DOCKERFILES[name]].health_path
+        assert path in health, (name, path)
 
 
 def test_app_dockerfiles_copy_what_exists() -> None:

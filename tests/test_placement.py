@@ -18,7 +18,8 @@ def gpu(index: int, vendor: str = "nvidia", integrated: bool = False) -> GpuReco
 
 def backend(name: str, engine: str = "vllm", **kw: object) -> BackendConfig:
     kw.setdefault("port", 8000 + len(name))
-    return BackendConfig(name=name, model="m", engine=engine, **kw)  # type: ignore[arg-type]
+    kw.setdefault("model", "m")
+    return BackendConfig(name=name, engine=engine, **kw)  # type: ignore[arg-type]
 
 
 def indexes(p: Placement | PlacementError) -> list[int]:
@@ -94,14 +95,55 @@ def test_sim_and_zero_gpu_backends_get_no_gpus() -> None:
 
 def test_profiles_give_a_four_line_backend_a_working_command() -> None:
     launch = resolve(backend("a", port=8001), "nvidia", "10.0.0.5")
-    assert launch.image == "vllm/vllm-openai:v0.6.4.post1"
-    assert launch.command == ["--model", "m", "--served-model-name", "m",
+    assert launch.image == "vllm/vllm-openai:v0.31.0"
+    assert launch.entrypoint == ["vllm", "serve"]
+    assert launch.command == ["m", "--served-model-name", "m",
                               "--host", "10.0.0.5", "--port", "8001"]
     assert launch.health_path == "/health"
     amd = resolve(backend("a"), "amd", "h")
-    assert amd.image.startswith("rocm/vllm:") and amd.entrypoint is not None
+    assert amd.image.startswith("vllm/vllm-openai-rocm:") and amd.entrypoint is not None
+    xpu = resolve(backend("a"), "intel", "h")
+    assert xpu.image.startswith("vllm/vllm-openai-xpu:")
     ovms = resolve(backend("a", "openvino"), "intel", "h")
-    assert ovms.health_path == "/v2/health/ready"
+    assert ovms.health_path == "/v2/health/ready" and ovms.api_path == "/v3"
+    sglang = resolve(backend("a", "sglang"), "amd", "h")
+    assert sglang.entrypoint == ["python3", "-m", "sglang.launch_server"]
+    assert "--enable-metrics" in sglang.command
+
+
+def test_llamacpp_serves_a_gguf_file_under_its_model_id_with_or_without_a_gpu() -> None:
+    cpu = resolve(backend("a", "llamacpp", model="tiny/tiny.gguf", port=8001), None, "h")
+    assert cpu.image == "ghcr.io/ggml-org/llama.cpp:server-b11382"
+    assert cpu.command == ["-m", "/models/tiny/tiny.gguf", "--alias", "tiny/tiny.gguf",
+                           "--host", "h", "--port", "8001", "--metrics"]
+    assert (cpu.health_path, cpu.api_path, cpu.entrypoint) == ("/health", "/v1", None)
+    images = {v: resolve(backend("a", "llamacpp", model="x.gguf"), v, "h").image
+              for v in ("nvidia", "amd", "intel")}
+    assert [i.rsplit(":", 1)[1] for i in images.values()] == [
+        "server-cuda-b11382", "server-rocm-b11382", "server-intel-b11382"]
+    gpu = resolve(backend("a", "llamacpp", model="x.gguf"), "nvidia", "h")
+    assert gpu.command[-2:] == ["--n-gpu-layers", "999"]
+    # A model id that is no file path: the operator's args name the file.
+    named = resolve(backend("a", "llamacpp", model="llama-8b", args=["-m", "/models/l.gguf"]),
+                    None, "h")
+    assert named.command[:2] == ["--alias", "llama-8b"] and named.command[-2:] == [
+        "-m", "/models/l.gguf"]
+    with pytest.raises(EngineError, match="leaves the models directory"):
+        resolve(backend("a", "llamacpp", model="../etc/x.gguf"), None, "h")
+
+
+def test_ipex_llm_is_a_deprecated_alias_of_vllm_on_intel(caplog: pytest.LogCaptureFixture
+                                                         ) -> None:
+    import agent.engines
+
+    agent.engines._warned.clear()
+    with caplog.at_level("WARNING", logger="agent.engines"):
+        launch = resolve(backend("a", "ipex-llm"), "intel", "h")
+        resolve(backend("a", "ipex-llm"), "intel", "h")
+    assert launch == resolve(backend("a", "vllm"), "intel", "h")
+    assert [r.getMessage() for r in caplog.records] == [
+        "engine 'ipex-llm' is deprecated and now runs 'vllm' (its Intel XPU image); "
+        'write engine = "vllm"']
 
 
 def test_config_overrides_profile_image_health_and_env_and_appends_args() -> None:

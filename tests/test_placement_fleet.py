@@ -129,12 +129,17 @@ def assert_valid(p: Placement, deps: Sequence[DeploymentRecord], nodes: Sequence
 # -- engines ---------------------------------------------------------------------------------
 
 def test_engine_for_auto_picks_the_first_engine_of_the_vendor() -> None:
-    assert AUTO_ENGINES == ("vllm", "ipex-llm", "openvino")
-    assert [engine_for("auto", v) for v in VENDORS] == ["vllm", "vllm", "ipex-llm"]
+    # vLLM runs on all three vendors (CUDA, ROCm, XPU): "auto" is vLLM everywhere, and never
+    # a GPU-less replica (llama.cpp on CPU is asked for by name).
+    assert AUTO_ENGINES == ("vllm", "sglang", "openvino", "llamacpp")
+    assert [engine_for("auto", v) for v in VENDORS] == ["vllm", "vllm", "vllm"]
     assert engine_for("auto", None) is None
     assert engine_for("openvino", "intel") == "openvino"
     assert engine_for("openvino", "nvidia") is None
-    assert engine_for("vllm", "intel") is None
+    assert engine_for("sglang", "intel") is None
+    assert [engine_for("llamacpp", v) for v in (*VENDORS, None)] == ["llamacpp"] * 4
+    assert engine_for("ipex-llm", "intel") == "ipex-llm"  # the agent runs it as vLLM XPU
+    assert engine_for("ipex-llm", "nvidia") is None
     assert [engine_for("custom", v) for v in (*VENDORS, None)] == ["custom"] * 4
     assert engine_for("nonsense", "nvidia") is None
 
@@ -201,7 +206,7 @@ def test_binpack_in_memory_mode_picks_the_fullest_gpu_that_fits() -> None:
 
 def test_memory_mode_shares_a_gpu_until_it_is_full_and_names_the_largest_free() -> None:
     nodes = [node("node-a", 1, mem_gib=48)]
-    p = run([dep(replicas=3, memory_bytes=20 * GIB, engine="vllm")], nodes)
+    p = run([dep(replicas=3, memory_bytes=20 * GIB, engine="sglang")], nodes)
     assert where(p) == {0: ("node-a", [0]), 1: ("node-a", [0])}
     assert all(a.memory_bytes == 20 * GIB for a in p.assignments)
     assert (p.status["d"].placed, p.status["d"].pending) == (2, 1)
@@ -344,7 +349,7 @@ def test_auto_engine_per_vendor() -> None:
     nodes = [node("a", 1, "nvidia"), node("b", 1, "amd"), node("c", 1, "intel")]
     p = run([dep(replicas=3)], nodes)
     assert {a.node: (a.engine, a.vendor) for a in p.assignments} == {
-        "a": ("vllm", "nvidia"), "b": ("vllm", "amd"), "c": ("ipex-llm", "intel")}
+        "a": ("vllm", "nvidia"), "b": ("vllm", "amd"), "c": ("vllm", "intel")}
 
 
 def test_named_engine_only_on_its_vendors() -> None:
