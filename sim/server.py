@@ -21,6 +21,7 @@ import orjson
 from aiohttp import web
 
 from sim import generate
+from sim.engine import Engine
 from sim.settings import SettingsError, SimSettings
 
 __all__ = ["STATE", "SimSettings", "SimState", "create_app"]
@@ -44,6 +45,7 @@ class SimState:
         self.generation_tokens: dict[str, int] = {}
         self.random = random.Random(seed)
         self._room = asyncio.Condition()
+        self.engine = Engine(lambda: self.settings)
 
     def update(self, changes: dict[str, Any]) -> SimSettings:
         """Apply validated knob changes; waiting requests re-check a raised concurrency."""
@@ -82,7 +84,17 @@ class SimState:
             # Shielded: a cancelled request must still hand its slot to a waiting one.
             await asyncio.shield(self.wake_waiters())
 
+    def counts(self, model: str) -> tuple[int, int]:
+        """(running, waiting) requests of ``model``; with the engine model, its batch and
+        its queue (plus any held back by ``max_concurrency``)."""
+        if not self.settings.engine:
+            return self.running.get(model, 0), self.waiting.get(model, 0)
+        running, waiting = self.engine.count(model)
+        return running, waiting + self.waiting.get(model, 0)
+
     def cache_usage(self, model: str) -> float:
+        if self.settings.engine:
+            return self.engine.kv_usage()
         limit = self.settings.max_concurrency
         running = self.running.get(model, 0)
         return min(1.0, running / limit if limit > 0 else running * _CACHE_SHARE_UNLIMITED)
@@ -110,7 +122,13 @@ def create_app(settings: SimSettings | None = None, *, seed: int | None = None) 
     app.router.add_get("/metrics", _metrics)
     app.router.add_get("/sim/config", _get_config)
     app.router.add_post("/sim/config", _post_config)
+    app.router.add_post("/reset_prefix_cache", _reset_prefix_cache)
+    app.on_cleanup.append(_stop_engine)
     return app
+
+
+async def _stop_engine(app: web.Application) -> None:
+    await app[STATE].engine.close()
 
 
 async def _label_response(request: web.Request, response: web.StreamResponse) -> None:
@@ -219,20 +237,16 @@ async def _generate(request: web.Request, *, model: str, prompt: str, max_tokens
     gap = 1.0 / settings.tokens_per_second if settings.tokens_per_second > 0 else 0.0
     die_after = max(1, n // 2) if fail and settings.fail_mode == "die_mid_stream" else None
 
+    if settings.engine:
+        return await _generate_engine(request, model=model, prompt=prompt, stream=stream,
+                                      include_usage=include_usage, chunk=chunk, final=final,
+                                      tokens=tokens, finish=finish, usage=usage,
+                                      die_after=die_after)
     await asyncio.sleep(settings.latency_ms / 1000)
     if not stream:
         await asyncio.sleep(gap * (n - 1))
-        body = orjson.dumps(final("".join(tokens), finish) | {"usage": usage})
-        if die_after is not None:
-            # Promise the whole body, send half of it, then drop the connection.
-            response = web.StreamResponse(headers={"Content-Type": "application/json"})
-            response.content_length = len(body)
-            await response.prepare(request)
-            await response.write(body[: len(body) // 2])
-            _abort_connection(request)
-            return response
-        _count_success(state, model, usage)
-        return web.Response(body=body, content_type="application/json")
+        return await _whole(request, state, model, final("".join(tokens), finish), usage,
+                            die_after)
 
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
                                            "Cache-Control": "no-cache"})
@@ -244,6 +258,28 @@ async def _generate(request: web.Request, *, model: str, prompt: str, max_tokens
             _abort_connection(request)
             return response
         await _sse(response, chunk(token, None))
+    return await _stream_end(response, state, model, chunk, finish, include_usage, usage)
+
+
+async def _whole(request: web.Request, state: SimState, model: str, answer: dict[str, Any],
+                 usage: dict[str, int], die_after: int | None) -> web.StreamResponse:
+    """A non-streamed answer (half of it, then a reset, for ``die_mid_stream``)."""
+    body = orjson.dumps(answer | {"usage": usage})
+    if die_after is not None:
+        # Promise the whole body, send half of it, then drop the connection.
+        response = web.StreamResponse(headers={"Content-Type": "application/json"})
+        response.content_length = len(body)
+        await response.prepare(request)
+        await response.write(body[: len(body) // 2])
+        _abort_connection(request)
+        return response
+    _count_success(state, model, usage)
+    return web.Response(body=body, content_type="application/json")
+
+
+async def _stream_end(response: web.StreamResponse, state: SimState, model: str,
+                      chunk: ChunkMaker, finish: str, include_usage: bool,
+                      usage: dict[str, int]) -> web.StreamResponse:
     await _sse(response, chunk(None, finish))
     if include_usage:
         await _sse(response, chunk(None, None) | {"choices": [], "usage": usage})
@@ -251,6 +287,41 @@ async def _generate(request: web.Request, *, model: str, prompt: str, max_tokens
     await response.write_eof()
     _count_success(state, model, usage)
     return response
+
+
+async def _generate_engine(request: web.Request, *, model: str, prompt: str, stream: bool,
+                           include_usage: bool, chunk: ChunkMaker,
+                           final: Callable[[str, str], dict[str, Any]], tokens: list[str],
+                           finish: str, usage: dict[str, int],
+                           die_after: int | None) -> web.StreamResponse:
+    """Chat and text completions paced by the engine model (sim/engine.py)."""
+    state = request.app[STATE]
+    engine = state.engine
+    seq = engine.submit(model, prompt, len(tokens))
+    try:
+        if not stream:
+            while seq.produced < len(tokens):
+                await seq.next_token()
+            return await _whole(request, state, model, final("".join(tokens), finish), usage,
+                                die_after)
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                               "Cache-Control": "no-cache"})
+        sent = 0
+        while sent < len(tokens):
+            produced = await seq.next_token()
+            if not sent:
+                await response.prepare(request)
+            # Tokens that came while the last write waited go out one chunk each, as an
+            # engine's detokenizer sends them.
+            while sent < produced:
+                if die_after is not None and sent == die_after:
+                    _abort_connection(request)
+                    return response
+                await _sse(response, chunk(tokens[sent], None))
+                sent += 1
+        return await _stream_end(response, state, model, chunk, finish, include_usage, usage)
+    finally:
+        engine.cancel(seq)
 
 
 async def _sse(response: web.StreamResponse, data: dict[str, Any]) -> None:
@@ -408,11 +479,20 @@ def render_metrics(state: SimState) -> str:
     models = state.settings.models
     families: list[tuple[str, str, str, Callable[[str], float]]] = [
         ("vllm:num_requests_running", "gauge", "Number of requests currently running.",
-         lambda m: state.running.get(m, 0)),
+         lambda m: state.counts(m)[0]),
         ("vllm:num_requests_waiting", "gauge", "Number of requests waiting to run.",
-         lambda m: state.waiting.get(m, 0)),
+         lambda m: state.counts(m)[1]),
         ("vllm:gpu_cache_usage_perc", "gauge", "KV-cache usage; 1 means 100 percent.",
          state.cache_usage),
+        ("vllm:kv_cache_usage_perc", "gauge", "KV-cache usage; 1 means 100 percent.",
+         state.cache_usage),
+        # The engine is one device: its cache counters are the same for every model.
+        ("vllm:prefix_cache_queries_total", "counter",
+         "Prefix cache queries, in terms of number of queried tokens.",
+         lambda _m: state.engine.queries),
+        ("vllm:prefix_cache_hits_total", "counter",
+         "Prefix cache hits, in terms of number of cached tokens.",
+         lambda _m: state.engine.hits),
         ("vllm:request_success_total", "counter", "Requests finished successfully.",
          lambda m: state.success.get(m, 0)),
         ("vllm:prompt_tokens_total", "counter", "Prompt tokens processed.",
@@ -428,6 +508,13 @@ def render_metrics(state: SimState) -> str:
             label = model.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
             lines.append(f'{name}{{model_name="{label}"}} {float(value(model))}')
     return "\n".join(lines) + "\n"
+
+
+async def _reset_prefix_cache(request: web.Request) -> web.Response:
+    """vLLM's ``POST /reset_prefix_cache``: forget every cached block (benchmarks use it to
+    give each run the same cold start)."""
+    request.app[STATE].engine.reset_cache()
+    return web.Response(text="ok\n")
 
 
 async def _get_config(request: web.Request) -> web.Response:

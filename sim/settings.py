@@ -11,6 +11,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from sim.profiles import PROFILES
+
 FAIL_MODES = ("none", "status", "reset", "hang", "die_mid_stream", "unhealthy")
 
 
@@ -32,11 +34,35 @@ class SimSettings:
     embedding_dim: int = 64
     max_concurrency: int = 0          # 0: unlimited; beyond it requests wait
     node_label: str = "sim"
+    # The engine model (sim/engine.py). All off by default: with none of them set the sim
+    # paces answers by latency_ms and tokens_per_second alone, as it always did.
+    profile: str = ""                 # a named device (sim/profiles.py) setting the knobs below
+    max_batch: int = 0                # sequences decoding at once; beyond it they queue
+    decode_ms: float = 0.0            # one decode step (one token per sequence) at batch 1
+    step_ms_per_seq: float = 0.0      # added to a step per sequence in the batch
+    prefill_tokens_per_second: float = 0.0  # prompt tokens not in the prefix cache
+    max_batched_tokens: int = 0       # prefill tokens one step may take (chunked prefill)
+    prefix_cache_blocks: int = 0      # KV pool and prefix cache (LRU), in blocks
+    block_tokens: int = 16            # tokens per cache block
+    time_scale: float = 1.0           # every engine duration times this (slow motion)
+
+    @property
+    def engine(self) -> bool:
+        """Whether the engine model is on (any of its knobs set)."""
+        return bool(self.max_batch or self.decode_ms or self.step_ms_per_seq
+                    or self.prefill_tokens_per_second or self.prefix_cache_blocks)
 
     def updated(self, changes: Mapping[str, Any]) -> SimSettings:
         """A copy with ``changes`` applied; strings are coerced (for env and flags)."""
         known = {f.name: f for f in dataclasses.fields(self)}
         values: dict[str, Any] = {}
+        profile = changes.get("profile")
+        if isinstance(profile, str) and profile:
+            # A profile sets its knobs first; knobs named alongside it override them.
+            if profile not in PROFILES:
+                raise SettingsError(f"profile: expected one of {', '.join(PROFILES)}, "
+                                    f"got {profile!r}")
+            changes = {**PROFILES[profile], **changes}
         for key, raw in changes.items():
             if key not in known:
                 raise SettingsError(f"unknown knob {key!r}; known: {', '.join(known)}")
@@ -60,6 +86,17 @@ class SimSettings:
         for name in ("latency_ms", "tokens_per_second", "max_concurrency"):
             if getattr(self, name) < 0:
                 raise SettingsError(f"{name}: must not be negative")
+        for name in ("max_batch", "decode_ms", "step_ms_per_seq", "prefill_tokens_per_second",
+                     "max_batched_tokens", "prefix_cache_blocks"):
+            if getattr(self, name) < 0:
+                raise SettingsError(f"{name}: must not be negative")
+        if self.profile and self.profile not in PROFILES:
+            raise SettingsError(f"profile: expected one of {', '.join(PROFILES)}, "
+                                f"got {self.profile!r}")
+        if self.block_tokens < 1:
+            raise SettingsError("block_tokens: must be at least 1")
+        if not self.time_scale > 0:
+            raise SettingsError("time_scale: must be positive")
         if self.chunks < 1:
             raise SettingsError("chunks: must be at least 1")
         if self.embedding_dim < 1:

@@ -17,6 +17,7 @@ from devtools.image import build_image
 from devtools.services import DockerEngine, free_port, until
 from devtools.simproc import SimProcess
 from sim import generate
+from sim.engine import Engine
 from sim.main import parse_args
 from sim.settings import SettingsError, SimSettings, from_env
 
@@ -367,3 +368,128 @@ async def test_container_answers_chat_completion(sim_image: str,
     finally:
         await asyncio.to_thread(container.remove, force=True)
         client.close()
+
+
+# --- the engine model (sim/engine.py) ---------------------------------------------------------
+
+def test_engine_knobs_are_off_by_default_and_a_profile_sets_them() -> None:
+    assert not SimSettings().engine
+    h200 = SimSettings().updated({"profile": "h200"})
+    assert h200.engine and h200.max_batch == 256 and h200.decode_ms == 4.8
+    # A knob named alongside the profile wins over the profile's figure.
+    tuned = SimSettings().updated({"profile": "arc-a770", "max_batch": 4})
+    assert tuned.max_batch == 4 and tuned.prefill_tokens_per_second == 1290
+    with pytest.raises(SettingsError, match="profile"):
+        SimSettings().updated({"profile": "tpu-v9"})
+    with pytest.raises(SettingsError, match="time_scale"):
+        SimSettings().updated({"time_scale": 0})
+    with pytest.raises(SettingsError, match="block_tokens"):
+        SimSettings().updated({"block_tokens": 0})
+
+
+def _engine(**knobs: object) -> tuple[Engine, SimSettings]:
+    settings = SimSettings().updated(knobs)
+    return Engine(lambda: settings), settings
+
+
+async def _ttft_and_total(engine: Engine, prompt: str, n: int) -> tuple[float, float]:
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    seq = engine.submit("m", prompt, n)
+    await seq.next_token()
+    first = loop.time() - t0
+    while seq.produced < n:
+        await seq.next_token()
+    return first, loop.time() - t0
+
+
+async def test_prefill_time_follows_uncached_prompt_tokens() -> None:
+    engine, _ = _engine(decode_ms=1, prefill_tokens_per_second=8000,
+                        prefix_cache_blocks=1000, block_tokens=16)
+    try:
+        prompt = " ".join(f"w{i}" for i in range(800))  # 800 tokens: 100 ms of prefill
+        cold, _ = await _ttft_and_total(engine, prompt, 2)
+        warm, _ = await _ttft_and_total(engine, prompt, 2)
+        assert cold >= 0.1 and warm < 0.05, (cold, warm)
+        assert engine.queries == 1600 and engine.hits == 799  # the last token is recomputed
+        # A different prompt after the shared 400 tokens hits only those.
+        other = " ".join(f"w{i}" for i in range(400)) + " " + " ".join(
+            f"x{i}" for i in range(400))
+        half, _ = await _ttft_and_total(engine, other, 2)
+        assert 0.04 < half < cold, (half, cold)
+        engine.reset_cache()
+        again, _ = await _ttft_and_total(engine, prompt, 2)
+        assert again >= 0.1
+    finally:
+        await engine.close()
+
+
+async def test_prefix_cache_is_an_lru_of_blocks_with_a_capacity() -> None:
+    engine, _ = _engine(decode_ms=0.1, prefix_cache_blocks=4, block_tokens=2)
+    try:
+        for prompt in ("a b c d", "e f g h", "i j k l"):  # 2 blocks each; 6 > 4
+            await _ttft_and_total(engine, prompt, 1)
+        assert len(engine.cache) == 4
+        hits = engine.hits
+        await _ttft_and_total(engine, "a b c d", 1)  # evicted: no hit
+        assert engine.hits == hits
+        await _ttft_and_total(engine, "i j k l", 1)  # still there
+        assert engine.hits == hits + 3
+    finally:
+        await engine.close()
+
+
+async def test_batch_step_time_grows_with_sequences_and_excess_waits() -> None:
+    engine, _ = _engine(decode_ms=5, step_ms_per_seq=5, max_batch=2)
+    try:
+        alone = (await _ttft_and_total(engine, "p", 10))[1]  # 10 steps of 10 ms
+        two = await asyncio.gather(*(_ttft_and_total(engine, f"p{i}", 10) for i in range(2)))
+        # Together each step costs 15 ms: both slower than alone, neither twice as slow.
+        assert all(alone * 1.2 < total < alone * 2 for _, total in two), (alone, two)
+        three = await asyncio.gather(*(_ttft_and_total(engine, f"q{i}", 10) for i in range(3)))
+        # The third waited for a place in the batch: its first token came after the others'
+        # whole answers.
+        assert three[2][0] >= max(three[0][1], three[1][1]) * 0.9, three
+    finally:
+        await engine.close()
+
+
+async def test_kv_pool_limits_admission() -> None:
+    engine, _ = _engine(decode_ms=2, prefix_cache_blocks=10, block_tokens=10)
+    try:
+        big = " ".join(["w"] * 60)  # 60 + 30 tokens: 9 of the 10 blocks
+        first = engine.submit("m", big, 30)
+        second = engine.submit("m", big + " x", 30)
+        await first.next_token()
+        assert engine.count("m") == (1, 1) and engine.kv_usage() == 0.9
+        while second.produced < 1:
+            await second.next_token()
+        assert first.done  # admitted only once the first had finished
+    finally:
+        await engine.close()
+
+
+async def test_engine_metrics_and_prefix_cache_reset_over_http() -> None:
+    with SimProcess("m", name="eng", profile="h200", chunks=4) as sim:
+        async with aiohttp.ClientSession() as http:
+            body = {"model": "m", "messages": [{"role": "user", "content": " ".join(
+                ["word"] * 200)}], "stream": True}
+            for _ in range(2):
+                async with http.post(sim.url + "/v1/chat/completions", json=body) as resp:
+                    text = await resp.text()
+                    assert text.count("data: ") == 6 and text.endswith("data: [DONE]\n\n")
+            async with http.get(sim.url + "/metrics") as resp:
+                metrics = await resp.text()
+            # 200 tokens: 12 whole blocks of 16 hit the second time.
+            assert metric(metrics, "vllm:prefix_cache_queries_total", "m") == 400
+            assert metric(metrics, "vllm:prefix_cache_hits_total", "m") == 192
+            for name in ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc",
+                         "vllm:num_requests_running", "vllm:num_requests_waiting"):
+                assert metric(metrics, name, "m") == 0.0
+            async with http.post(sim.url + "/reset_prefix_cache") as resp:
+                assert resp.status == 200
+            async with http.post(sim.url + "/v1/chat/completions",
+                                 json=body | {"stream": False}) as resp:
+                assert (await resp.json())["usage"]["completion_tokens"] == 4
+            async with http.get(sim.url + "/metrics") as resp:
+                assert metric(await resp.text(), "vllm:prefix_cache_hits_total", "m") == 192
