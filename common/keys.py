@@ -83,6 +83,24 @@ class Keys:
         """The election key: present, under its holder's lease, while a placer leads."""
         return f"{self.prefix}/placer/leader"
 
+    # -- routes (docs/routes.md) ------------------------------------------------------------
+
+    @property
+    def routes(self) -> str:
+        """Prefix of every route (written by operators; guards append trips)."""
+        return f"{self.prefix}/routes/"
+
+    def route(self, name: str) -> str:
+        return f"{self.prefix}/routes/{name}"
+
+    @property
+    def route_stats(self) -> str:
+        """Prefix of the schedulers' per-replica route and backend figures (leased)."""
+        return f"{self.prefix}/route-stats/"
+
+    def route_stats_of(self, replica: str) -> str:
+        return f"{self.prefix}/route-stats/{replica}"
+
     # -- audit trail (docs/operations.md: Audit trail) -----------------------------------------
 
     @property

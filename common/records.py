@@ -25,8 +25,8 @@ from common.typedesc import describe
 SCHEMA = 1
 Vendor = Literal["nvidia", "amd", "intel"]
 State = Literal["starting", "ready", "unhealthy", "stopped"]
-Policy = Literal["spread", "binpack"]
-AuditSource = Literal["aivmmctl", "placer", "agent"]
+Policy = Literal["spread", "binpack", "cost"]
+AuditSource = Literal["aivmmctl", "placer", "agent", "scheduler"]
 VENDORS: tuple[Vendor, ...] = typing.get_args(Vendor)
 STATES: tuple[State, ...] = typing.get_args(State)
 POLICIES: tuple[Policy, ...] = typing.get_args(Policy)
@@ -78,6 +78,8 @@ class NodeRecord:
     labels: dict[str, str] = field(default_factory=dict)
     # CPUs the agent may give its engines (its affinity), for deployments' CPU quotas.
     cpu_count: int | None = None
+    # What the machine costs per hour (agent.toml cost_per_hour, any currency); None: unknown.
+    cost_per_hour: float | None = None
     schema: int = SCHEMA
 
 
@@ -253,6 +255,118 @@ class AuditEntry:
     schema: int = SCHEMA
 
 
+@dataclass(slots=True)
+class RouteTarget:
+    """One target of a route: a deployment name or a plain model id, and its weight."""
+
+    target: str
+    weight: int
+
+
+@dataclass(slots=True)
+class RouteGuard:
+    """When a scheduler replica sets a target's weight to 0 (docs/routes.md: the guard)."""
+
+    window_s: float = 60.0
+    min_requests: int = 20
+    max_error_rate: float | None = None  # a share, 0..1; None: not checked
+    max_p95_ttft_ms: float | None = None  # None: not checked
+
+
+@dataclass(slots=True)
+class GuardTrip:
+    """A target the guard took out of its route, with the figures that made it do so."""
+
+    target: str
+    at: float
+    by: str  # the scheduler replica that tripped it
+    reason: str  # one line: which threshold, the figure and the window
+    requests: int = 0
+    errors: int = 0
+    p95_ttft_ms: float | None = None
+
+
+@dataclass(slots=True)
+class RouteRecord:
+    """``{prefix}/routes/{name}``: a model name clients may ask for that the schedulers
+    split over targets by weight, with fallbacks and an optional guard (docs/routes.md).
+
+    Written by ``aivmmctl route``; a scheduler's guard only appends to ``tripped``.
+    """
+
+    name: str
+    targets: list[RouteTarget]
+    fallback: list[str] = field(default_factory=list)
+    guard: RouteGuard | None = None
+    # Targets the guard took out (effective weight 0) until an operator restores them.
+    tripped: list[GuardTrip] = field(default_factory=list)
+    created_at: float = 0.0
+    updated_at: float = 0.0
+    schema: int = SCHEMA
+
+
+def route_problem(r: RouteRecord) -> str | None:
+    """Why a route cannot be used (shared by aivmmctl and every reader), or None."""
+    if not NAME.match(r.name) or len(r.name) > 63:
+        return "field 'name': expected a name of letters, digits, '.', '_' or '-'"
+    if not r.targets:
+        return "field 'targets': expected at least one target"
+    names = [t.target for t in r.targets]
+    if any(not n.strip() for n in names + r.fallback):
+        return "field 'targets': expected non-blank target names"
+    if len(set(names)) != len(names):
+        return "field 'targets': expected distinct targets"
+    if any(t.weight < 0 for t in r.targets) or sum(t.weight for t in r.targets) <= 0:
+        return "field 'targets': expected weights >= 0 adding up to more than 0"
+    g = r.guard
+    if g is not None:
+        if g.window_s <= 0 or g.min_requests < 1:
+            return "field 'guard': expected window_s > 0 and min_requests >= 1"
+        if g.max_error_rate is not None and not 0 <= g.max_error_rate <= 1:
+            return "field 'guard': expected max_error_rate from 0 to 1"
+        if g.max_p95_ttft_ms is not None and g.max_p95_ttft_ms <= 0:
+            return "field 'guard': expected max_p95_ttft_ms > 0"
+    return None
+
+
+@dataclass(slots=True)
+class TargetFigures:
+    """One scheduler replica's counters for one target of one route, since ``since``."""
+
+    route: str
+    target: str
+    requests: int = 0
+    errors: int = 0
+    fallbacks: int = 0  # requests that reached this target as a fallback
+    ttft_sum_s: float = 0.0
+    ttft_count: int = 0
+    p95_ttft_ms: float | None = None  # over the guard window (or the last 60 s)
+    output_tokens: int = 0
+    generation_s: float = 0.0  # seconds spent generating the tokens counted
+
+
+@dataclass(slots=True)
+class BackendFigures:
+    """One scheduler replica's output tokens for one backend, over ``seconds`` of watching."""
+
+    backend: str  # node/name
+    output_tokens: int = 0
+    seconds: float = 0.0
+
+
+@dataclass(slots=True)
+class RouteStats:
+    """``{prefix}/route-stats/{replica}``: a scheduler replica's route and backend figures,
+    under its own lease, rewritten at most every few seconds (aivmmctl routes sums them)."""
+
+    replica: str
+    since: float
+    updated_at: float
+    targets: list[TargetFigures] = field(default_factory=list)
+    backends: list[BackendFigures] = field(default_factory=list)
+    schema: int = SCHEMA
+
+
 # -- reading -----------------------------------------------------------------------------------
 # The checks are derived from each record's type hints, so a record is declared once: a field
 # added to a dataclass is read back by every reader without a second table to keep in step.
@@ -389,6 +503,20 @@ def parse_leader(raw: bytes | str) -> LeaderRecord:
 def parse_audit(raw: bytes | str) -> AuditEntry:
     """Read an audit entry; raises RecordError with the reason when it is unusable."""
     return parse(raw, AuditEntry)
+
+
+def parse_route(raw: bytes | str) -> RouteRecord:
+    """Read a route; raises RecordError with the reason when it is unusable."""
+    record = parse(raw, RouteRecord)
+    problem = route_problem(record)
+    if problem:
+        raise RecordError(problem)
+    return record
+
+
+def parse_route_stats(raw: bytes | str) -> RouteStats:
+    """Read a scheduler replica's route figures; raises RecordError when unusable."""
+    return parse(raw, RouteStats)
 
 
 def dump(record: Any) -> bytes:

@@ -28,7 +28,7 @@ from common.records import (
     parse_node,
 )
 from common.store import Compare, EtcdStore, StoreUnavailable
-from ctl import deployments
+from ctl import deployments, routes
 
 EXIT_UNREACHABLE = 1
 EXIT_USAGE = 2
@@ -232,6 +232,7 @@ def parser() -> argparse.ArgumentParser:
                                help="Prometheus file_sd JSON of every agent, from etcd")
     targets.add_argument("--output", "-o", help="file to write (atomically); default stdout")
     deployments.add_parsers(verbs)
+    routes.add_parsers(verbs)
     trail = verbs.add_parser("audit", help="who changed what and when (the audit trail)")
     trail.add_argument("--since", metavar="AGE|DATE",
                        help="only entries since then: 30m, 1h, 2d, 1w or an ISO date")
@@ -260,6 +261,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.verb in deployments.VERBS:
             return asyncio.run(deployments.run(args, endpoints, table))
+        if args.verb in routes.VERBS:
+            return asyncio.run(routes.run(args, endpoints, table))
         if args.verb == "audit":
             return show_audit(args, endpoints)
         if args.verb in ("drain", "undrain"):

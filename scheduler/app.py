@@ -31,6 +31,7 @@ from scheduler.metrics import SchedulerMetrics
 from scheduler.placer.service import Placer
 from scheduler.proxy import Proxy, ProxySettings, parse_request
 from scheduler.registry import Registry
+from scheduler.routes import RouteService
 from scheduler.routing import Router
 
 CONFIG: web.AppKey[SchedulerConfig] = web.AppKey("config", SchedulerConfig)
@@ -44,6 +45,7 @@ RATES: web.AppKey[status.RequestRates] = web.AppKey("rates", status.RequestRates
 ETCD_VIEW: web.AppKey[status.EtcdView] = web.AppKey("etcd_view", status.EtcdView)
 DEPLOYED: web.AppKey[DeployedModels] = web.AppKey("deployed", DeployedModels)
 PLACER: web.AppKey[Placer] = web.AppKey("placer", Placer)
+ROUTES: web.AppKey[RouteService] = web.AppKey("routes", RouteService)
 # Seconds a client is told to wait for a deployed model that is still starting.
 STARTING_RETRY_AFTER_S = 5
 
@@ -64,7 +66,8 @@ async def handle_openai(request: web.Request) -> web.StreamResponse:
         app[PROXY].count("", "", admitted.status)
         return admitted
     body, model = admitted
-    return await app[PROXY].forward(request, body, model)
+    # A model naming a route is sent to one of its targets (docs/routes.md).
+    return await app[ROUTES].forward(request, body, model, app[PROXY])
 
 
 async def _admit(request: web.Request) -> web.Response | tuple[bytes, str]:
@@ -83,7 +86,7 @@ async def _admit(request: web.Request) -> web.Response | tuple[bytes, str]:
     if model is None:
         return error_response(400, why or "bad request", "invalid_request",
                               param="model" if why and "model" in why else None)
-    if not app[ROUTER].known(model):
+    if not app[ROUTER].known(model) and not app[ROUTES].has(model):
         deployment = app[DEPLOYED].deployment_of(model)
         if deployment is not None:
             # Deployed but served nowhere yet: a 503 is retried by the OpenAI SDKs, a 404
@@ -114,8 +117,10 @@ async def handle_models(request: web.Request) -> web.Response:
     """GET /v1/models in OpenAI's list shape, from the ready backends."""
     if not request.app[AUTH].allows(request.headers.get("Authorization")):
         return _unauthorized()
+    served = set(request.app[ROUTER].models())
+    served.update(request.app[ROUTES].names(time.monotonic()))  # routes are models to clients
     data = [{"id": m, "object": "model", "created": 0, "owned_by": "aivmm"}
-            for m in request.app[ROUTER].models()]
+            for m in sorted(served)]
     return web.Response(body=orjson.dumps({"object": "list", "data": data}),
                         content_type="application/json")
 
@@ -207,6 +212,16 @@ async def watch_ctx(app: web.Application) -> AsyncIterator[None]:
     await app[GUARD].cancel("deployment-watch", "backend-watch")
 
 
+async def routes_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Follow the routes, write the guard's trips, publish this replica's route figures."""
+    routes = app[ROUTES]
+    app[GUARD].spawn("route-watch", routes.table.run(app[STORE]))
+    app[GUARD].spawn("route-guard", routes.run_guard(app[STORE]))
+    app[GUARD].spawn("route-stats", routes.publish(app[STORE]))
+    yield
+    await app[GUARD].cancel("route-stats", "route-guard", "route-watch")
+
+
 async def placer_ctx(app: web.Application) -> AsyncIterator[None]:
     """Campaign for the placer role (unless turned off); while elected, place deployments."""
     config = app[CONFIG]
@@ -281,6 +296,10 @@ def build_app(config: SchedulerConfig) -> web.Application:
     app[ETCD_VIEW] = status.EtcdView(Keys(config.etcd_prefix))
     app[DEPLOYED] = DeployedModels(Keys(config.etcd_prefix),
                                    on_bad_record=metrics.bad_records.inc)
+    app[ROUTES] = RouteService(
+        Keys(config.etcd_prefix), router, app[DEPLOYED], metrics.registry,
+        replica=f"{socket.gethostname()}-{os.getpid()}-{config.listen.rpartition(':')[2]}",
+        on_bad_record=metrics.bad_records.inc)
     app[REGISTRY] = metrics.registry
     for path in OPENAI_POST_PATHS:
         app.router.add_post(path, handle_openai)
@@ -291,5 +310,6 @@ def build_app(config: SchedulerConfig) -> web.Application:
     app.router.add_get("/", handle_status)
     app.router.add_get("/v1/cluster", handle_cluster)
     # notify_ctx last, so that on the way out STOPPING=1 goes first.
-    app.cleanup_ctx.extend([proxy_ctx, store_ctx, watch_ctx, placer_ctx, notify_ctx])
+    app.cleanup_ctx.extend([proxy_ctx, store_ctx, watch_ctx, routes_ctx, placer_ctx,
+                            notify_ctx])
     return app

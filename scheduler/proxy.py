@@ -25,7 +25,8 @@ from aiohttp import web
 from scheduler.budget import RetryBudget
 from scheduler.errors import error_response, sse_error_event
 from scheduler.metrics import SchedulerMetrics
-from scheduler.routing import Backend, Router
+from scheduler.routing import Backend, Pool, Router
+from scheduler.tap import TAP
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +158,7 @@ class Proxy:
 
     # -- the request -------------------------------------------------------------------------
 
-    async def _wait_for_backend(self, model: str, deadline: float,
+    async def _wait_for_backend(self, model: Pool, deadline: float,
                                 exclude: Callable[[], Collection[Backend]] = tuple,
                                 ) -> Backend | None:
         """Queue until a usable backend (not in ``exclude()``) appears or the deadline passes."""
@@ -178,23 +179,26 @@ class Proxy:
         finally:
             self.metrics.queued.dec()
 
-    async def forward(self, request: web.Request, body: bytes, model: str) -> web.StreamResponse:
-        """Send ``body`` to a backend of ``model`` and stream its answer back.
+    async def forward(self, request: web.Request, body: bytes, model: str, *,
+                      pool: Pool | None = None) -> web.StreamResponse:
+        """Send ``body`` to a backend of ``model`` (of ``pool`` when given: a route's
+        target deployment) and stream its answer back.
 
         A backend silent for ``first_byte_timeout`` counts as failed and the request goes
         elsewhere. For a non-streaming request the first byte comes only when generation
         ends, so ``first_byte_timeout`` must exceed the longest answer expected unstreamed.
         """
         s = self.settings
+        key: Pool = model if pool is None else pool
         start = self.clock()
         self.budget.request(start)
         self.metrics.inflight.inc()
         status = 0
         backend_key = ""
         try:
-            b = self.router.choose(model, start)
+            b = self.router.choose(key, start)
             if b is None:
-                b = await self._wait_for_backend(model, start + s.queue_timeout)
+                b = await self._wait_for_backend(key, start + s.queue_timeout)
                 if b is None:
                     status = 503
                     return error_response(
@@ -223,7 +227,7 @@ class Proxy:
                     resp = await self._attempt(request, b, model, url_path, headers, body,
                                                deadline=deadline,
                                                can_retry=lambda: self._can_retry(
-                                                   model, len(tried), still_out()))
+                                                   model, len(tried), still_out(), key))
                     status = resp.status
                     return resp
                 except _ClientAbort as abort:
@@ -237,13 +241,13 @@ class Proxy:
                         "backend": b.key, "model": model, "reason": err.reason})
                     nxt = None
                     if len(tried) < s.max_attempts and now < deadline:
-                        nxt = self.router.choose(model, now, exclude=still_out())
+                        nxt = self.router.choose(key, now, exclude=still_out())
                         if nxt is None:
                             # Every other backend is briefly out (ejected, or restarting
                             # after the same crash): queue for one, as a new request would,
                             # rather than fail at once.
                             nxt = await self._wait_for_backend(
-                                model, min(start + s.queue_timeout, deadline), still_out)
+                                key, min(start + s.queue_timeout, deadline), still_out)
                     if nxt is None:
                         break
                     if not self.budget.try_retry(now):
@@ -264,10 +268,12 @@ class Proxy:
             self.count(model, backend_key, status)
             self.metrics.duration.labels(model).observe(self.clock() - start)
 
-    def _can_retry(self, model: str, attempts: int, out: list[Backend]) -> bool:
+    def _can_retry(self, model: str, attempts: int, out: list[Backend],
+                   pool: Pool | None = None) -> bool:
         now = self.clock()
         if (attempts >= self.settings.max_attempts
-                or self.router.choose(model, now, exclude=out) is None):
+                or self.router.choose(model if pool is None else pool, now,
+                                      exclude=out) is None):
             return False
         if not self.budget.can_retry(now):
             self.metrics.budget_refusals.labels(model).inc()
@@ -316,6 +322,8 @@ class Proxy:
                 b.ejection.success()
                 b.observe(now - sent, now)
                 self.metrics.ttfb.labels(model, b.key).observe(now - sent)
+                if (tap := request.get(TAP)) is not None:
+                    tap.first_byte(now, b.key)
             resp, finished = await self._relay(request, up, b, model, first, deadline)
             return resp
         finally:
@@ -345,6 +353,9 @@ class Proxy:
             if k.lower() not in drop:
                 out.add(k, v)
         out[BACKEND_HEADER] = b.key
+        tap = request.get(TAP)
+        if tap is not None:
+            out.update(tap.headers)
         await resp.prepare(request)
         loop = asyncio.get_running_loop()
         # The loop's clock and self.clock may differ; carry the deadline over as a remainder.
@@ -360,6 +371,8 @@ class Proxy:
                 if first:
                     timer.reschedule(loop.time() + s.client_write_timeout)
                     await resp.write(first)
+                    if tap is not None:
+                        tap.chunk(first)
                 while True:
                     writing = False
                     timer.reschedule(min(loop.time() + s.stream_idle_timeout, end))
@@ -370,6 +383,8 @@ class Proxy:
                         await resp.write_eof()
                         return resp, True
                     await resp.write(chunk)
+                    if tap is not None:
+                        tap.chunk(chunk)
         except (TimeoutError, aiohttp.ClientError, ConnectionError, OSError) as err:
             if writing:
                 # The client's side: it stopped reading (its buffers and ours are full) or
@@ -386,6 +401,8 @@ class Proxy:
             else:
                 why = "stalled" if isinstance(err, TimeoutError) else "broken"
                 self.metrics.broken_streams.labels(model, b.key).inc()
+                if tap is not None:
+                    tap.broken = True
                 log.warning("stream broke after bytes were sent", extra={
                     "backend": b.key, "model": model, "why": why})
                 self._failure(b, self.clock(), f"stream_{why}")

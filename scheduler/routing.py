@@ -82,6 +82,7 @@ class Backend:
     models: tuple[str, ...]
     ready: bool
     api: str = ""  # the base of the engine's OpenAI API: url + the record's api_path
+    deployment: str | None = None  # the deployment it is a replica of (routes may name it)
     revivals: int = 0  # times its agent reported it ready again after it was not
     waiting: int = 0
     probe_latency_s: float | None = None
@@ -132,6 +133,7 @@ def _refresh(b: Backend, record: BackendRecord) -> None:
     b.url = record.url.rstrip("/")
     b.api = b.url + record.api_path
     b.models = tuple(record.models)
+    b.deployment = record.deployment
     ready = record.state == "ready"
     if ready and not b.ready:
         b.ejection.lift()
@@ -155,6 +157,18 @@ def _probe_s(ms: float | None) -> float | None:
     return ms / 1000.0
 
 
+@dataclass(frozen=True, slots=True)
+class Deployed:
+    """A pool key for :meth:`Router.choose`: the backends of one deployment (a route's
+    target), rather than every backend of a model."""
+
+    name: str
+
+
+# What a request chooses among: every backend of a model, or those of one deployment.
+Pool = str | Deployed
+
+
 class Router:
     """The table of backends indexed by model, and the P2C choice among them."""
 
@@ -165,6 +179,7 @@ class Router:
         self.rng = rng or random.Random()
         self.backends: dict[str, Backend] = {}
         self._by_model: dict[str, list[Backend]] = {}
+        self._by_deployment: dict[str, list[Backend]] = {}
         self._eject = (eject_threshold, eject_base_s, eject_max_s)
         self.max_inflight = max_inflight
         # Called with each backend that leaves the table, so its metric series can go too.
@@ -181,17 +196,17 @@ class Router:
             self.backends[key] = b
             self._index(b)
             return b
-        old_models = b.models
+        old_models, old_deployment = b.models, b.deployment
         _refresh(b, record)
-        if b.models != old_models:
-            self._unindex(b, old_models)
+        if b.models != old_models or b.deployment != old_deployment:
+            self._unindex(b, old_models, old_deployment)
             self._index(b)
         return b
 
     def remove(self, key: str) -> Backend | None:
         b = self.backends.pop(key, None)
         if b is not None:
-            self._unindex(b, b.models)
+            self._unindex(b, b.models, b.deployment)
             self.on_remove(b)
         return b
 
@@ -207,15 +222,24 @@ class Router:
     def _index(self, b: Backend) -> None:
         for model in b.models:
             self._by_model.setdefault(model, []).append(b)
+        if b.deployment is not None:
+            self._by_deployment.setdefault(b.deployment, []).append(b)
 
-    def _unindex(self, b: Backend, models: tuple[str, ...]) -> None:
-        for model in models:
-            group = self._by_model.get(model)
-            if group is None:
-                continue
-            group[:] = [x for x in group if x is not b]
-            if not group:
-                del self._by_model[model]
+    def _unindex(self, b: Backend, models: tuple[str, ...], deployment: str | None) -> None:
+        for index, names in ((self._by_model, models),
+                             (self._by_deployment, () if deployment is None else (deployment,))):
+            for name in names:
+                group = index.get(name)
+                if group is None:
+                    continue
+                group[:] = [x for x in group if x is not b]
+                if not group:
+                    del index[name]
+
+    def _group(self, pool: Pool) -> list[Backend] | None:
+        if isinstance(pool, Deployed):
+            return self._by_deployment.get(pool.name)
+        return self._by_model.get(pool)
 
     # -- queries -----------------------------------------------------------------------------
 
@@ -227,13 +251,24 @@ class Router:
         """Models with at least one ready backend, sorted."""
         return sorted(m for m, group in self._by_model.items() if any(b.ready for b in group))
 
+    def has_usable(self, pool: Pool, now: float) -> bool:
+        """Whether ``pool`` has a backend a request could be sent to now."""
+        return any(self.usable(b, now) for b in self._group(pool) or ())
+
+    def deployment_models(self, name: str) -> tuple[str, ...]:
+        """The models the backends of deployment ``name`` serve (first one first)."""
+        group = self._by_deployment.get(name)
+        return group[0].models if group else ()
+
     def usable(self, b: Backend, now: float) -> bool:
         return (b.ready and not b.ejection.ejected(now)
                 and (not self.max_inflight or b.inflight < self.max_inflight))
 
-    def choose(self, model: str, now: float, exclude: Collection[Backend] = ()) -> Backend | None:
-        """Power of two choices among the usable backends of ``model`` not in ``exclude``."""
-        group = self._by_model.get(model)
+    def choose(self, model: Pool, now: float, exclude: Collection[Backend] = ()
+               ) -> Backend | None:
+        """Power of two choices among the usable backends of ``model`` (a model id, or a
+        :class:`Deployed` pool) not in ``exclude``."""
+        group = self._group(model)
         if not group:
             return None
         n = len(group)
@@ -268,9 +303,9 @@ class Router:
             return first if rng.random() < 0.5 else second
         return first if c1 < c2 else second
 
-    def next_change(self, model: str, now: float) -> float | None:
+    def next_change(self, model: Pool, now: float) -> float | None:
         """When the earliest ejection among ``model``'s ready backends ends, if any."""
-        ends = [b.ejection.until for b in self._by_model.get(model, ())
+        ends = [b.ejection.until for b in self._group(model) or ()
                 if b.ready and b.ejection.ejected(now)]
         return min(ends) if ends else None
 
