@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo down test lint unit sim-image images services clean install uninstall dist \
+.PHONY: demo demo-autoscale down test lint unit sim-image images services clean install uninstall dist \
 	constraints
 
 $(STAMP): pyproject.toml
@@ -34,6 +34,10 @@ images: $(STAMP) services
 
 demo: $(STAMP) services
 	$(PY) -m devtools.demo up
+
+# Scale from zero and back to zero (docs/autoscaling.md); starts the demo first if needed.
+demo-autoscale: $(STAMP) services
+	$(PY) -m devtools.demo autoscale
 
 down: $(STAMP)
 	$(PY) -m devtools.demo down

@@ -207,10 +207,13 @@ class Supervisor:
         gpus = list(spec.gpu_uuids) if spec else []
         if a is not None:  # a sim replica holds its GPUs on paper only: say which
             vendor, gpus = a.vendor, list(a.gpu_uuids)
+        # A replica the placer is scaling away serves what it has and is routed nothing new.
+        state: State = "draining" if a is not None and a.draining and s.state == "ready" \
+            else s.state
         return BackendRecord(
             node=self.node, name=s.config.name, models=[s.config.model],
             url=spec.url if spec else backend_url(self.config.advertise_host, s.config.port),
-            state=s.state, engine=s.config.engine, vendor=vendor,
+            state=state, engine=s.config.engine, vendor=vendor,
             gpus=gpus, container_id=s.container_id,
             probe_latency_ms=None if s.latency.value is None else round(
                 s.latency.value * 1000, 3),
@@ -321,7 +324,13 @@ class Supervisor:
                 s.assignment = a
                 self._trust(s)
             elif s.config != config or s.assignment != a:
+                draining_only = s.assignment is not None and a is not None and \
+                    dataclasses.replace(s.assignment, draining=a.draining) == a
                 s.config, s.assignment = config, a
+                if draining_only:
+                    # Draining begins or ends: the same container goes on; the record says it.
+                    self.metrics.backend(self._record(s))
+                    continue
                 s.not_before = 0.0  # a changed backend is tried now, not after an old backoff
         self._changed()
         self.wake()

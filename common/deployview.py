@@ -28,6 +28,7 @@ from common.records import (
     parse_backend,
     parse_deployment,
     parse_placement,
+    to_dict,
 )
 
 GIB = 2**30
@@ -141,7 +142,11 @@ def deployment_views(records: DeploymentRecords,
         status = records.placements.get(d.name)
         views.append({
             "name": d.name, "model": d.model, "engine": d.engine, "policy": d.placement,
-            "desired": d.replicas, "placed": len(mine),
+            # An autoscaled deployment wants what the autoscaler last decided.
+            "desired": d.replicas if d.autoscale is None or status is None
+            or status.desired is None else status.desired,
+            "autoscale": None if d.autoscale is None else to_dict(d.autoscale),
+            "placed": len(mine),
             "ready": sum(1 for b in own if b.state == "ready"),
             "pending": None if status is None else status.pending,
             "reasons": [] if status is None else list(status.reasons),

@@ -79,6 +79,14 @@ class Keys:
         return f"{self.prefix}/placement/{deployment}"
 
     @property
+    def loads(self) -> str:
+        """Prefix of the scheduler replicas' load records (docs/autoscaling.md)."""
+        return f"{self.prefix}/load/"
+
+    def load(self, replica: str) -> str:
+        return f"{self.prefix}/load/{replica}"
+
+    @property
     def placer_leader(self) -> str:
         """The election key: present, under its holder's lease, while a placer leads."""
         return f"{self.prefix}/placer/leader"

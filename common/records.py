@@ -24,7 +24,8 @@ from common.typedesc import describe
 
 SCHEMA = 1
 Vendor = Literal["nvidia", "amd", "intel"]
-State = Literal["starting", "ready", "unhealthy", "stopped"]
+# "draining": a replica being scaled away; it takes no new requests, in-flight ones finish.
+State = Literal["starting", "ready", "unhealthy", "stopped", "draining"]
 Policy = Literal["spread", "binpack", "cost"]
 AuditSource = Literal["aivmmctl", "placer", "agent", "scheduler"]
 VENDORS: tuple[Vendor, ...] = typing.get_args(Vendor)
@@ -129,6 +130,25 @@ class DrainRecord:
 
 
 @dataclass(slots=True)
+class AutoscalePolicy:
+    """A deployment's autoscaling (docs/autoscaling.md): the elected placer keeps the replica
+    count between ``min_replicas`` and ``max_replicas`` so that each replica carries about
+    ``target_load`` requests (in flight + queued)."""
+
+    min_replicas: int = 0
+    max_replicas: int = 4
+    # Requests in flight + queued per replica; vLLM batches well up to a few dozen.
+    target_load: float = 8.0
+    # Load must stay below the lower threshold this long (and no action this long) to scale
+    # down by one step or more.
+    scale_down_delay_s: float = 60.0
+    # With min_replicas 0: no request for this long scales to zero.
+    idle_seconds: float = 300.0
+    # Load must stay above the target this long to scale up (from zero: at once).
+    scale_up_delay_s: float = 2.0
+
+
+@dataclass(slots=True)
 class DeploymentRecord:
     """``{prefix}/deployments/{name}``: a model the fleet should serve (desired state).
 
@@ -155,7 +175,23 @@ class DeploymentRecord:
     cpus: float | None = None
     created_at: float = 0.0
     updated_at: float = 0.0
+    # Set: the placer scales the replicas on load and ``replicas`` is only the start value.
+    autoscale: AutoscalePolicy | None = None
     schema: int = SCHEMA
+
+
+def autoscale_problem(a: AutoscalePolicy) -> str | None:
+    """Why an autoscale policy is unusable (flag names are aivmmctl's), or None."""
+    if a.min_replicas < 0:
+        return "field 'autoscale.min_replicas': expected an integer >= 0"
+    if a.max_replicas < max(1, a.min_replicas):
+        return "field 'autoscale.max_replicas': expected an integer >= 1 and >= min_replicas"
+    if not a.target_load > 0:
+        return "field 'autoscale.target_load': expected a number > 0"
+    for name in ("scale_down_delay_s", "idle_seconds", "scale_up_delay_s"):
+        if not getattr(a, name) >= 0:
+            return f"field 'autoscale.{name}': expected a number >= 0"
+    return None
 
 
 def deployment_problem(d: DeploymentRecord) -> str | None:
@@ -172,6 +208,8 @@ def deployment_problem(d: DeploymentRecord) -> str | None:
         return "field 'memory_bytes': expected a size > 0"
     if d.cpus is not None and not 0.01 <= d.cpus <= 4096:
         return "field 'cpus': expected a number of cores from 0.01 to 4096"
+    if d.autoscale is not None:
+        return autoscale_problem(d.autoscale)
     return None
 
 
@@ -202,6 +240,9 @@ class AssignmentRecord:
     # makes a new generation, and its replicas are placed again.
     generation: str = ""
     assigned_at: float = 0.0
+    # A replica being scaled away: its agent reports it "draining" (routed no new requests)
+    # and the placer deletes the assignment once its requests have finished.
+    draining: bool = False
     schema: int = SCHEMA
 
     @property
@@ -222,6 +263,41 @@ class PlacementStatus:
     pending: int
     reasons: list[str] = field(default_factory=list)
     placer: str = ""
+    updated_at: float = 0.0
+    # Autoscaled deployments only: the replica count the autoscaler decided, and when it
+    # last changed it (a new leader goes on from these).
+    desired: int | None = None
+    scaled_at: float = 0.0
+    schema: int = SCHEMA
+
+
+@dataclass(slots=True)
+class ModelLoad:
+    """One model's requests at one scheduler replica."""
+
+    model: str
+    inflight: int = 0  # forwarded to a backend, not answered yet
+    queued: int = 0  # waiting for a usable backend (a cold start included)
+    last_request_at: float = 0.0  # Unix seconds of the last request that arrived
+
+
+@dataclass(slots=True)
+class BackendInflight:
+    """Requests one scheduler replica has in flight on one backend (``node/name``)."""
+
+    backend: str
+    inflight: int
+
+
+@dataclass(slots=True)
+class SchedulerLoad:
+    """``{prefix}/load/{replica}``: a scheduler replica's demand, under its own lease, for the
+    autoscaler; rewritten every ~2 s when it changed, at once when a cold model gets a
+    request."""
+
+    replica: str
+    models: list[ModelLoad] = field(default_factory=list)
+    backends: list[BackendInflight] = field(default_factory=list)
     updated_at: float = 0.0
     schema: int = SCHEMA
 
@@ -493,6 +569,11 @@ def parse_assignment(raw: bytes | str) -> AssignmentRecord:
 def parse_placement(raw: bytes | str) -> PlacementStatus:
     """Read a deployment's placement status; raises RecordError when it is unusable."""
     return parse(raw, PlacementStatus)
+
+
+def parse_load(raw: bytes | str) -> SchedulerLoad:
+    """Read a scheduler replica's load record; raises RecordError when it is unusable."""
+    return parse(raw, SchedulerLoad)
 
 
 def parse_leader(raw: bytes | str) -> LeaderRecord:

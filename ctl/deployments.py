@@ -32,8 +32,10 @@ from common.records import (
     NAME,
     POLICIES,
     VENDORS,
+    AutoscalePolicy,
     DeploymentRecord,
     RecordError,
+    autoscale_problem,
     deployment_problem,
     dump,
     parse,
@@ -42,7 +44,7 @@ from common.store import Compare, EtcdStore
 
 EXIT_USAGE = 2
 ENGINES = ("auto", "vllm", "sglang", "openvino", "llamacpp", "ipex-llm", "sim", "custom")
-VERBS = ("deploy", "scale", "undeploy", "deployments")
+VERBS = ("deploy", "scale", "undeploy", "deployments", "autoscale")
 CAS_ATTEMPTS = 5
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*$")
@@ -176,10 +178,100 @@ def add_parsers(verbs: Any) -> None:
     s = verbs.add_parser("scale", help="change a deployment's replicas")
     s.add_argument("name", metavar="NAME")
     s.add_argument("replicas", metavar="N", type=_count)
+    a = verbs.add_parser("autoscale", help="scale a deployment on load (docs/autoscaling.md)")
+    a.add_argument("name", metavar="NAME")
+    a.add_argument("--min", type=_count, default=None, dest="min_replicas",
+                   help="fewest replicas, 0 allowed (default 0)")
+    a.add_argument("--max", type=_count, default=None, dest="max_replicas",
+                   help="most replicas (default 4)")
+    a.add_argument("--target", type=_positive, default=None, dest="target_load",
+                   help="requests in flight + queued per replica (default 8)")
+    a.add_argument("--scale-down-delay", type=_seconds, default=None, metavar="SECONDS",
+                   dest="scale_down_delay_s",
+                   help="load below the target this long before a scale-down (default 60)")
+    a.add_argument("--idle", type=_seconds, default=None, metavar="SECONDS",
+                   dest="idle_seconds",
+                   help="no request this long scales to zero when --min is 0 (default 300)")
+    a.add_argument("--scale-up-delay", type=_seconds, default=None, metavar="SECONDS",
+                   dest="scale_up_delay_s",
+                   help="load above the target this long before a scale-up (default 2)")
+    a.add_argument("--off", action="store_true",
+                   help="stop autoscaling: the count is 'replicas' again (aivmmctl scale)")
     u = verbs.add_parser("undeploy", help="delete a deployment (its replicas are removed)")
     u.add_argument("name", metavar="NAME")
     ls = verbs.add_parser("deployments", help="deployments: desired, placed, ready, where")
     ls.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds >= 0, got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected seconds >= 0, got {text!r}")
+    return value
+
+
+_POLICY_FLAGS = {"min_replicas": "--min", "max_replicas": "--max", "target_load": "--target",
+                 "scale_down_delay_s": "--scale-down-delay", "idle_seconds": "--idle",
+                 "scale_up_delay_s": "--scale-up-delay"}
+
+
+def autoscale_policy(args: argparse.Namespace, old: AutoscalePolicy | None
+                     ) -> AutoscalePolicy | None:
+    """The policy the flags ask for: flags given over the deployment's current policy over
+    the defaults; None with --off. Raises UsageError naming the flag."""
+    if args.off:
+        return None
+    policy = dataclasses.replace(old) if old is not None else AutoscalePolicy()
+    for field_name in _POLICY_FLAGS:
+        value = getattr(args, field_name)
+        if value is not None:
+            setattr(policy, field_name, value)
+    if args.max_replicas is None and policy.max_replicas < policy.min_replicas:
+        policy.max_replicas = policy.min_replicas
+    problem = autoscale_problem(policy)
+    if problem:
+        field_name, _, why = problem.removeprefix("field 'autoscale.").partition("': ")
+        raise UsageError(f"{_POLICY_FLAGS.get(field_name, field_name)}: {why}")
+    return policy
+
+
+async def autoscale_deployment(store: EtcdStore, keys: Keys, args: argparse.Namespace
+                               ) -> DeploymentRecord:
+    """Set (or with --off remove) an existing deployment's autoscale policy, keeping every
+    other field (compare-and-swap, with the audit entry in the same transaction)."""
+    name = args.name
+    key = keys.deployment(name)
+    for _ in range(CAS_ATTEMPTS):
+        kv = await store.get_item(key)
+        if kv is None:
+            raise UsageError(f"no deployment {name}")
+        try:
+            record = parse(kv.value, DeploymentRecord)
+        except RecordError as err:
+            raise UsageError(f"{name}: its deployment record cannot be read ({err}); "
+                             f"write it again with 'aivmmctl deploy {name} ...'") from None
+        old = dataclasses.replace(record)
+        record.autoscale = autoscale_policy(args, record.autoscale)
+        record.updated_at = time.time()
+        change = audit.entry("aivmmctl", "autoscale", name, old=old, new=record,
+                             detail=audit.changed_fields(old, record) or "no field changed")
+        if await _put_if_unchanged(store, key, dump(record), kv.mod_revision,
+                                   audit.audit_put(keys, change)):
+            return record
+    raise Conflict(name)
 
 
 def build_record(args: argparse.Namespace, now: float) -> DeploymentRecord:
@@ -346,6 +438,14 @@ async def run(args: argparse.Namespace, endpoints: list[str], table: Table) -> i
             elif args.verb == "scale":
                 before, after = await scale_deployment(store, keys, args.name, args.replicas)
                 print(f"deployment {args.name} scaled: {before} -> {after} replica(s)")
+            elif args.verb == "autoscale":
+                done = await autoscale_deployment(store, keys, args)
+                a = done.autoscale
+                print(f"deployment {done.name}: autoscaling off, {done.replicas} replica(s)"
+                      if a is None else
+                      f"deployment {done.name} autoscaled: {a.min_replicas}..{a.max_replicas} "
+                      f"replicas, target {a.target_load:g} requests each, scale down after "
+                      f"{a.scale_down_delay_s:g}s, idle {a.idle_seconds:g}s")
             elif args.verb == "undeploy":
                 await delete_deployment(store, keys, args.name)
                 print(f"deployment {args.name} deleted: its replicas are being removed")

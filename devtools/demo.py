@@ -11,6 +11,13 @@ sends a chat completion and a streamed one through the scheduler with the ``open
 and shows ``aivmmctl status``. The cluster keeps running; ``down`` undeploys, stops
 everything ``up`` started and removes its containers. ``up`` twice in a row restarts the
 daemons, which adopt the running replicas; the deploy is then an unchanged update.
+
+``autoscale`` (``make demo-autoscale``; it runs ``up`` first when no demo cluster answers)
+shows scale from zero and back (docs/autoscaling.md): it deploys ``cold-model`` with no
+replica, autoscaled ``--min 0 --max 2 --target 4 --idle 10``, whose sim engine takes
+``COLD_STARTUP_S`` seconds to start; sends one streamed request, which waits while the placer
+starts a replica and is answered once the engine is up (the time to the first token is
+printed); then waits for the idle replica to be drained and removed, and undeploys.
 """
 
 from __future__ import annotations
@@ -357,6 +364,63 @@ The cluster keeps running. Look further:
 """)
 
 
+COLD_DEPLOYMENT, COLD_MODEL, COLD_STARTUP_S, COLD_IDLE_S = "cold", "cold-model", 5, 10
+
+
+def cold_state(etcd: str) -> tuple[int | None, int]:
+    """(the autoscaler's count, assignments) of the cold deployment."""
+    from common.deployview import read_records
+    from common.keys import Keys
+    from common.store import EtcdStore
+
+    async def read() -> tuple[int | None, int]:
+        async with EtcdStore([etcd], timeout=3.0) as store:
+            records = await read_records(store, Keys(PREFIX))
+        status = records.placements.get(COLD_DEPLOYMENT)
+        return (None if status is None else status.desired,
+                sum(1 for a in records.assignments if a.deployment == COLD_DEPLOYMENT))
+    return asyncio.run(read())
+
+
+def autoscale() -> None:
+    """Scale from zero on the first request, and back to zero when idle."""
+    if not scheduler_sees(0):
+        up()
+    etcd = f"http://127.0.0.1:{ETCD_PORT}"
+    ctl(etcd, "deploy", COLD_DEPLOYMENT, "--model", COLD_MODEL, "--engine", "sim",
+        "--gpus", "1", "--replicas", "0", "--env", f"SIM_STARTUP_DELAY_S={COLD_STARTUP_S}")
+    ctl(etcd, "autoscale", COLD_DEPLOYMENT, "--min", "0", "--max", "2", "--target", "4",
+        "--scale-down-delay", "10", "--idle", str(COLD_IDLE_S))
+    wait_until(lambda: cold_state(etcd) == (0, 0), 30, "the placer to report it at zero")
+    say(f"{COLD_DEPLOYMENT}: 0 replicas; its sim engine takes {COLD_STARTUP_S}s to start")
+    ctl(etcd, "deployments")
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"http://{SCHEDULER}/v1", api_key="demo", max_retries=0,
+                    timeout=120)
+    say(f"one streamed request for {COLD_MODEL}: queued by the scheduler while the placer "
+        "starts a replica")
+    sent = time.monotonic()
+    first: float | None = None
+    words = []
+    for chunk in client.chat.completions.create(
+            model=COLD_MODEL, messages=[{"role": "user", "content": "Wake up."}],
+            max_tokens=8, stream=True):
+        if first is None:
+            first = time.monotonic() - sent
+        if chunk.choices and chunk.choices[0].delta.content:
+            words.append(chunk.choices[0].delta.content)
+    say(f"first token after {first or 0:.1f}s (cold start), answer {''.join(words)!r}")
+    ctl(etcd, "deployments")
+    say(f"no more requests: after {COLD_IDLE_S}s idle the replica is drained and removed")
+    idle_from = time.monotonic()
+    wait_until(lambda: cold_state(etcd) == (0, 0), 120, "scale to zero", interval=0.5)
+    say(f"back to 0 replicas {time.monotonic() - idle_from:.1f}s after the last request; "
+        "its GPU is free again")
+    ctl(etcd, "audit", "--target", COLD_DEPLOYMENT, "--limit", "10", check=False)
+    ctl(etcd, "undeploy", COLD_DEPLOYMENT)
+
+
 def write_scheduler_config() -> Path:
     path = RUN / "scheduler.toml"
     path.write_text("# The demo's scheduler: defaults, no API keys.\n")
@@ -421,9 +485,9 @@ def down() -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="demo")
-    parser.add_argument("verb", choices=["up", "down"])
+    parser.add_argument("verb", choices=["up", "down", "autoscale"])
     args = parser.parse_args()
-    up() if args.verb == "up" else down()
+    {"up": up, "down": down, "autoscale": autoscale}[args.verb]()
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ ones are shared (:mod:`common.contexts`).
 from __future__ import annotations
 
 import os
+import re
 import socket
 import time
 from collections.abc import AsyncIterator
@@ -27,6 +28,7 @@ from scheduler.budget import RetryBudget
 from scheduler.config import SchedulerConfig
 from scheduler.deployed import DeployedModels
 from scheduler.errors import error_response
+from scheduler.load import LoadPublisher
 from scheduler.metrics import SchedulerMetrics
 from scheduler.placer.service import Placer
 from scheduler.proxy import Proxy, ProxySettings, parse_request
@@ -88,6 +90,8 @@ async def _admit(request: web.Request) -> web.Response | tuple[bytes, str]:
                               param="model" if why and "model" in why else None)
     if not app[ROUTER].known(model) and not app[ROUTES].has(model):
         deployment = app[DEPLOYED].deployment_of(model)
+        if deployment is not None and deployment.autoscale is not None:
+            return body, model  # scaled to zero: it waits for its replica (cold start)
         if deployment is not None:
             # Deployed but served nowhere yet: a 503 is retried by the OpenAI SDKs, a 404
             # is not, and the model will be there once its engine has started.
@@ -208,8 +212,9 @@ async def watch_ctx(app: web.Application) -> AsyncIterator[None]:
     guarded tasks."""
     app[GUARD].spawn("backend-watch", app[REGISTRY_VIEW].run(app[STORE]))
     app[GUARD].spawn("deployment-watch", app[DEPLOYED].run(app[STORE]))
+    start_load(app)
     yield
-    await app[GUARD].cancel("deployment-watch", "backend-watch")
+    await app[GUARD].cancel("load-publisher", "deployment-watch", "backend-watch")
 
 
 async def routes_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -235,12 +240,70 @@ async def placer_ctx(app: web.Application) -> AsyncIterator[None]:
                     on_bad_record=metrics.placer_bad_records.inc,
                     on_write=metrics.placer_writes.inc,
                     audit_keep_seconds=config.audit_keep_days * 86400,
-                    audit_keep_entries=config.audit_keep_entries)
+                    audit_keep_entries=config.audit_keep_entries,
+                    drain_timeout=config.placer_drain_timeout)
     app[PLACER] = placer
     app[GUARD].spawn("placer", placer.run())
     yield
     # Cancelling resigns (revokes the election lease): a standby takes over at once.
     await app[GUARD].cancel("placer")
+
+
+def start_load(app: web.Application) -> None:
+    """Publish this replica's demand for the autoscaler, and let requests for a model scaled
+    to zero wait for its replica (docs/autoscaling.md)."""
+    config = app[CONFIG]
+    proxy = app[PROXY]
+    deployed = app[DEPLOYED]
+    router = app[ROUTER]
+    publisher = LoadPublisher(
+        app[STORE], Keys(config.etcd_prefix), load_replica(config), router,
+        queued=lambda: queued_models(proxy.waiting, deployed),
+        totals=lambda: model_totals(request_totals(app[METRICS])),
+        interval=config.load_interval)
+
+    def cold(pool: object) -> float | None:
+        # A pool is a model id, or a route's deployment (an object with a name).
+        d = (deployed.autoscaled(pool) if isinstance(pool, str)
+             else deployed.deployments.get(str(getattr(pool, "name", ""))))
+        if d is None or d.autoscale is None:
+            return None
+        if any(b.ready and d.model in b.models for b in router.backends.values()):
+            return None
+        return config.cold_start_timeout
+
+    proxy.cold_start, proxy.cold_start_queue = cold, config.cold_start_queue
+    proxy.on_queue = lambda _pool: publisher.poke()
+    app[GUARD].spawn("load-publisher", publisher.run())
+
+
+def queued_models(waiting: dict[object, int], deployed: DeployedModels) -> dict[str, int]:
+    """Queued requests by model (a route's deployment pool counts for its model)."""
+    out: dict[str, int] = {}
+    for pool, n in waiting.items():
+        if isinstance(pool, str):
+            model: str | None = pool
+        else:
+            d = deployed.deployments.get(str(getattr(pool, "name", "")))
+            model = None if d is None else d.model
+        if model is not None:
+            out[model] = out.get(model, 0) + n
+    return out
+
+
+def model_totals(totals: dict[tuple[str, str], float]) -> dict[str, float]:
+    """The request counter summed by model."""
+    out: dict[str, float] = {}
+    for (model, _backend), n in totals.items():
+        if model:
+            out[model] = out.get(model, 0.0) + n
+    return out
+
+
+def load_replica(config: SchedulerConfig) -> str:
+    """This replica's name in ``{prefix}/load/``: host, process and port, key-safe."""
+    raw = f"{socket.gethostname()}-{os.getpid()}-{config.listen.rpartition(':')[2]}"
+    return re.sub(r"[^A-Za-z0-9_.-]", "-", raw)
 
 
 def placer_holder(config: SchedulerConfig) -> str:

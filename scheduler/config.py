@@ -57,6 +57,14 @@ class SchedulerConfig(DaemonConfig):
     # A replica not ready this long after it was assigned (or restarted this often) is moved.
     placer_replace_after: float = setting(180.0, check=positive)
     placer_max_restarts: int = setting(3, check=lambda v: None if v >= 1 else "an integer >= 1")
+    # A replica scaled away drains (no new requests) at most this long before it is removed.
+    placer_drain_timeout: float = setting(600.0, check=positive)
+    # Autoscaling (docs/autoscaling.md): a request for an autoscaled model with no ready
+    # replica waits this long for one (scale from zero), at most cold_start_queue of them
+    # per model; this scheduler's load record is rewritten at most every load_interval.
+    cold_start_timeout: float = setting(300.0, check=positive)
+    cold_start_queue: int = setting(256, check=lambda v: None if v >= 1 else "an integer >= 1")
+    load_interval: float = setting(2.0, check=positive)
     # The audit trail (docs/operations.md): the placer deletes entries older than this many
     # days, or beyond this many (oldest first).
     audit_keep_days: float = setting(30.0, check=positive)

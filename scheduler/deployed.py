@@ -28,9 +28,20 @@ class DeployedModels:
         self.deployments: dict[str, DeploymentRecord] = {}
 
     def deployment_of(self, model: str) -> DeploymentRecord | None:
-        """A deployment (with replicas wanted) that serves ``model``, or None."""
+        """A deployment (with replicas wanted, or autoscaled) that serves ``model``, or
+        None; an autoscaled one first."""
+        found = None
         for d in self.deployments.values():
-            if d.model == model and d.replicas > 0:
+            if d.model == model and d.autoscale is not None:
+                return d
+            if d.model == model and d.replicas > 0 and found is None:
+                found = d
+        return found
+
+    def autoscaled(self, model: str) -> DeploymentRecord | None:
+        """The autoscaled deployment that serves ``model``, or None."""
+        for d in self.deployments.values():
+            if d.model == model and d.autoscale is not None:
                 return d
         return None
 

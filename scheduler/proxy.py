@@ -106,6 +106,14 @@ class Proxy:
         # (model, backend, reason) of each failover, for the status page's recent list.
         self.on_failover: Callable[[str, str, str], None] = lambda *_: None
         router.on_remove = self.forget
+        # Scale from zero (docs/autoscaling.md): how long a request for a pool with no
+        # ready backend may queue instead of queue_timeout (None: the pool is not cold), at
+        # most ``cold_start_queue`` per pool; requests queued per pool for the load record,
+        # and ``on_queue`` told of each one that starts to wait.
+        self.cold_start: Callable[[object], float | None] = lambda _pool: None
+        self.cold_start_queue = 0
+        self.waiting: dict[object, int] = {}
+        self.on_queue: Callable[[object], None] = lambda _pool: None
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -162,6 +170,14 @@ class Proxy:
                                 exclude: Callable[[], Collection[Backend]] = tuple,
                                 ) -> Backend | None:
         """Queue until a usable backend (not in ``exclude()``) appears or the deadline passes."""
+        cold = self.cold_start(model)
+        if cold is not None:
+            # The model is starting from zero: wait for its replica, but not without bound.
+            if self.cold_start_queue and self.waiting.get(model, 0) >= self.cold_start_queue:
+                return None
+            deadline = max(deadline, self.clock() + cold)
+        self.waiting[model] = self.waiting.get(model, 0) + 1
+        self.on_queue(model)
         self.metrics.queued.inc()
         try:
             while True:
@@ -178,6 +194,11 @@ class Proxy:
                     await asyncio.wait_for(self._changed.wait(), wait)
         finally:
             self.metrics.queued.dec()
+            left = self.waiting[model] - 1
+            if left:
+                self.waiting[model] = left
+            else:
+                del self.waiting[model]
 
     async def forward(self, request: web.Request, body: bytes, model: str, *,
                       pool: Pool | None = None) -> web.StreamResponse:

@@ -46,6 +46,11 @@ class SimState:
         self.random = random.Random(seed)
         self._room = asyncio.Condition()
         self.engine = Engine(lambda: self.settings)
+        self.started = time.monotonic()
+
+    def loading(self) -> bool:
+        """Whether the simulated start-up (``startup_delay_s``) is still under way."""
+        return time.monotonic() - self.started < self.settings.startup_delay_s
 
     def update(self, changes: dict[str, Any]) -> SimSettings:
         """Apply validated knob changes; waiting requests re-check a raised concurrency."""
@@ -111,7 +116,7 @@ def create_app(settings: SimSettings | None = None, *, seed: int | None = None) 
     """
     settings = settings or SimSettings()
     settings.validate()
-    app = web.Application(client_max_size=16 * 1024 * 1024)
+    app = web.Application(client_max_size=16 * 1024 * 1024, middlewares=[_starting_up])
     app[STATE] = SimState(settings, seed=seed)
     app.on_response_prepare.append(_label_response)
     app.router.add_post("/v1/chat/completions", _chat_completions)
@@ -129,6 +134,19 @@ def create_app(settings: SimSettings | None = None, *, seed: int | None = None) 
 
 async def _stop_engine(app: web.Application) -> None:
     await app[STATE].engine.close()
+
+
+@web.middleware
+async def _starting_up(request: web.Request, handler: Any) -> web.StreamResponse:
+    """During ``startup_delay_s`` only the knobs and metrics answer, as an engine loading
+    its weights: /health is 503, /v1/models is empty, requests get 503."""
+    if request.app[STATE].loading() and not request.path.startswith("/sim/") \
+            and request.path != "/metrics":
+        if request.path == "/v1/models":
+            return web.json_response({"object": "list", "data": []})
+        return web.Response(status=503, text="loading (simulated start-up)\n")
+    response: web.StreamResponse = await handler(request)
+    return response
 
 
 async def _label_response(request: web.Request, response: web.StreamResponse) -> None:

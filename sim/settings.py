@@ -51,6 +51,9 @@ class SimSettings:
         """Whether the engine model is on (any of its knobs set)."""
         return bool(self.max_batch or self.decode_ms or self.step_ms_per_seq
                     or self.prefill_tokens_per_second or self.prefix_cache_blocks)
+    # Seconds after start during which the server is "loading its weights": /health and the
+    # OpenAI routes answer 503 and /v1/models lists nothing (cold starts in tests and demos).
+    startup_delay_s: float = 0.0
 
     def updated(self, changes: Mapping[str, Any]) -> SimSettings:
         """A copy with ``changes`` applied; strings are coerced (for env and flags)."""
@@ -83,7 +86,7 @@ class SimSettings:
         if not 400 <= self.fail_status <= 599:
             raise SettingsError(f"fail_status: expected an HTTP error 400..599, "
                                 f"got {self.fail_status}")
-        for name in ("latency_ms", "tokens_per_second", "max_concurrency"):
+        for name in ("latency_ms", "tokens_per_second", "max_concurrency", "startup_delay_s"):
             if getattr(self, name) < 0:
                 raise SettingsError(f"{name}: must not be negative")
         for name in ("max_batch", "decode_ms", "step_ms_per_seq", "prefill_tokens_per_second",

@@ -260,7 +260,7 @@ async def test_deployments_json_is_the_documented_shape(placed: str, prefix: str
     assert set(llama) == {
         "name", "model", "engine", "policy", "desired", "placed", "ready", "pending",
         "reasons", "placer", "placement_updated_at", "request", "image", "args", "env",
-        "created_at", "updated_at", "replicas"}
+        "created_at", "updated_at", "replicas", "autoscale"}
     assert (llama["desired"], llama["placed"], llama["ready"], llama["pending"]) == (3, 2, 2, 1)
     assert llama["reasons"] == ["no node has 2 free nvidia GPUs (gpu-a: 0, gpu-b: 1)"]
     assert llama["request"] == {"gpus": 2, "memory_bytes": None, "vendors": ["nvidia"],

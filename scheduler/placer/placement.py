@@ -111,14 +111,16 @@ class _Want:
 def place(deployments: Sequence[DeploymentRecord], nodes: Sequence[NodeRecord],
           current: Sequence[AssignmentRecord], *, reserved: Mapping[str, Collection[str]],
           drained: Collection[str] = frozenset(),
-          avoid: Mapping[str, Collection[str]] | None = None, now: float) -> Placement:
+          avoid: Mapping[str, Collection[str]] | None = None, now: float,
+          holding: Sequence[AssignmentRecord] = ()) -> Placement:
     """The assignments the fleet should run, and what could not be placed and why.
 
     ``nodes`` are the live nodes; ``current`` is what etcd holds now; ``reserved`` maps a
     node to the uuids of GPUs its pinned backends hold; ``drained`` nodes and, per
     deployment, ``avoid`` nodes (a replica failed to start there) are not placed on, and
     their replicas move. Valid current assignments are kept unchanged; new ones get
-    ``assigned_at=now``. Deployments are placed in name order.
+    ``assigned_at=now``. Deployments are placed in name order. ``holding`` (replicas being
+    drained) are not in the result but keep their GPUs or memory taken meanwhile.
     """
     avoid = avoid or {}
     fleet: dict[str, _Node] = {}
@@ -128,6 +130,17 @@ def place(deployments: Sequence[DeploymentRecord], nodes: Sequence[NodeRecord],
         pinned = reserved.get(record.node, ())
         fleet[record.node] = _Node(record, {
             g.index: _Gpu(g, g.uuid in pinned) for g in record.gpus if not g.integrated})
+
+    for a in holding:
+        host = fleet.get(a.node)
+        for index in a.gpus if host is not None else ():
+            gpu = host.gpus.get(index) if host is not None else None
+            if gpu is None:
+                continue
+            if a.memory_bytes is not None:
+                gpu.mem_used += a.memory_bytes
+            else:
+                gpu.whole = True
 
     wants: dict[str, _Want] = {}
     status: dict[str, PlacementStatus] = {}

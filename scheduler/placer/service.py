@@ -28,15 +28,18 @@ from common.records import (
     NodeRecord,
     PlacementStatus,
     RecordError,
+    SchedulerLoad,
     dump,
     parse_assignment,
     parse_backend,
     parse_deployment,
+    parse_load,
     parse_node,
     parse_placement,
 )
 from common.store import Event, Reset, StoreError, StoreUnavailable
 from common.store_api import Store
+from scheduler.placer.autoscale import Autoscaler
 from scheduler.placer.election import Deposed, Election, Fence
 from scheduler.placer.placement import generation, place
 
@@ -44,6 +47,12 @@ log = logging.getLogger(__name__)
 
 # etcd allows 128 operations per transaction (--max-txn-ops); the fence compare is apart.
 TXN_OPS = 120
+# A draining replica's requests are counted only once its backend record says "draining"
+# and this long has passed: the schedulers' routes and load records have caught up by then
+# (load records are written every 2 s).
+DRAIN_GRACE_S = 3.0
+# While a deployment is autoscaled or a replica drains, the placer looks this often.
+AUTOSCALE_TICK_S = 1.0
 
 
 @dataclass(slots=True)
@@ -57,6 +66,7 @@ class FleetView:
     assignments: dict[str, AssignmentRecord] = field(default_factory=dict)  # by key
     backends: dict[str, BackendRecord] = field(default_factory=dict)  # by key
     statuses: dict[str, PlacementStatus] = field(default_factory=dict)  # by deployment
+    loads: dict[str, SchedulerLoad] = field(default_factory=dict)  # by scheduler replica
     drained: set[str] = field(default_factory=set)
     synced: bool = False
 
@@ -70,7 +80,7 @@ class FleetView:
         """
         if isinstance(item, Reset):
             for every in (self.nodes, self.deployments, self.assignments, self.backends,
-                          self.statuses):
+                          self.statuses, self.loads):
                 every.clear()
             self.drained.clear()
             for kv in item.snapshot.items:
@@ -85,8 +95,8 @@ class FleetView:
             self._put(item.key, item.value)
         if item.key.startswith(self.keys.drains):
             return True
-        if table is None:
-            return False
+        if table is None or table is self.loads:
+            return False  # load is sampled by the autoscaler's tick, not placed on
         after = table.get(name)
         if before is None or after is None:
             return before is not after
@@ -104,6 +114,8 @@ class FleetView:
             return self.backends, key, parse_backend
         if key.startswith(k.placements):
             return self.statuses, key.removeprefix(k.placements), parse_placement
+        if key.startswith(k.loads):
+            return self.loads, key.removeprefix(k.loads), parse_load
         return None, "", parse_node
 
     def _put(self, key: str, value: bytes) -> None:
@@ -188,7 +200,7 @@ class StartFailures:
         for key, a in view.assignments.items():
             seen.add(key)
             backend = view.backend_of(a)
-            if backend is not None and backend.state == "ready":
+            if backend is not None and backend.state in ("ready", "draining"):
                 self._unready.pop(key, None)
                 continue
             if view.nodes.get(a.node) is None:
@@ -233,7 +245,8 @@ class StartFailures:
 
 
 def _same_status(a: PlacementStatus, b: PlacementStatus) -> bool:
-    return (a.placed, a.pending, a.reasons) == (b.placed, b.pending, b.reasons)
+    return (a.placed, a.pending, a.reasons, a.desired, a.scaled_at) == \
+        (b.placed, b.pending, b.reasons, b.desired, b.scaled_at)
 
 
 @dataclass(frozen=True, slots=True)
@@ -278,11 +291,14 @@ def _batches(c: Changes, first: Sequence[tuple[str, bytes]] = ()
 
 
 def _replica_text(a: AssignmentRecord) -> str:
-    return f"{a.replica}@{a.node}:{','.join(str(g) for g in a.gpus) or '-'}"
+    text = f"{a.replica}@{a.node}:{','.join(str(g) for g in a.gpus) or '-'}"
+    return text + " (draining)" if a.draining else text
 
 
 def placement_audit(keys: Keys, view: FleetView, assignments: Sequence[AssignmentRecord],
-                    given_up: Sequence[str], *, who: str, now: float) -> list[AuditEntry]:
+                    given_up: Sequence[str], *, who: str, now: float,
+                    deployments: Mapping[str, DeploymentRecord] | None = None
+                    ) -> list[AuditEntry]:
     """One "place" entry per deployment whose assignments this pass changes, saying why
     where it can be told: its node gone or drained, a failed start, a scale, a change."""
     before: dict[str, dict[str, AssignmentRecord]] = {}
@@ -296,7 +312,7 @@ def placement_audit(keys: Keys, view: FleetView, assignments: Sequence[Assignmen
         old, new = before.get(name, {}), after.get(name, {})
         if old == new:
             continue
-        d = view.deployments.get(name)
+        d = (view.deployments if deployments is None else deployments).get(name)
         by_replica = {a.replica: a for a in new.values()}
         old_replicas = {a.replica for a in old.values()}
         reasons: list[str] = []
@@ -320,8 +336,13 @@ def placement_audit(keys: Keys, view: FleetView, assignments: Sequence[Assignmen
                 reasons.append(f"node {a.node} drained{moved}")
             elif failed is not None:
                 reasons.append(failed)
+            elif to is not None and to.node == a.node and to.draining != a.draining:
+                reasons.append(f"scaled to {d.replicas}: replica {a.replica} draining"
+                               if to.draining else f"replica {a.replica} wanted again "
+                               f"(wants {d.replicas}): drain cancelled")
             elif a.replica >= d.replicas:
-                reasons.append(f"scaled to {d.replicas}{moved}")
+                reasons.append(f"scaled to {d.replicas}: replica {a.replica} drained"
+                               if a.draining and to is None else f"scaled to {d.replicas}{moved}")
             elif a.generation and a.generation != generation(d):
                 reasons.append(f"deployment changed{moved}")
         added = sorted(r for r in by_replica if r not in old_replicas)
@@ -344,7 +365,7 @@ class Placer:
                  debounce: float = 0.05, on_bad_record: Callable[[], None] = lambda: None,
                  on_write: Callable[[int], None] = lambda n: None,
                  audit_keep_seconds: float = 30 * 86400.0, audit_keep_entries: int = 10_000,
-                 audit_compact_interval: float = 300.0) -> None:
+                 audit_compact_interval: float = 300.0, drain_timeout: float = 600.0) -> None:
         self.store = store
         self.keys = keys
         self.holder = holder
@@ -358,6 +379,11 @@ class Placer:
         self.audit_compact_interval = audit_compact_interval
         self.passes = 0  # placement passes run while leading (tests, metrics)
         self.pending = 0  # replicas that fit nowhere, as of the last pass
+        self.scaler = Autoscaler()
+        # A replica being scaled away is deleted once idle, or after this long regardless.
+        self.drain_timeout = drain_timeout
+        self._drain_began: dict[str, float] = {}  # assignment key -> when draining began
+        self._drain_seen: dict[str, float] = {}  # ... -> when its backend said "draining"
 
     @property
     def leading(self) -> bool:
@@ -374,13 +400,22 @@ class Placer:
     async def _lead(self, fence: Fence) -> None:
         view = FleetView(self.keys, on_bad_record=self._bad)
         dirty = asyncio.Event()
+        self.scaler = Autoscaler()  # a new term goes on from the statuses, not old memory
+        self._drain_began.clear()
+        self._drain_seen.clear()
+        full_at = 0.0  # when the next full pass is due without any event
 
         async def follow() -> None:
             async for item in self.store.sync_prefix(self.keys.prefix + "/"):
                 # The audit trail is not in the view at all: nothing to place on it.
                 if view.apply(item):
                     dirty.set()
+                elif isinstance(item, Event) and item.key.startswith(self.keys.loads) \
+                        and self.scaler.active:
+                    nudge.set()  # demand changed: the autoscaler looks at once
             raise RuntimeError("the placer's etcd sync stream ended")
+
+        nudge = asyncio.Event()
 
         follower = asyncio.create_task(follow(), name="placer-watch")
         compact_at = time.monotonic()
@@ -393,24 +428,84 @@ class Placer:
                 deadline = self.failures.next_deadline(now)
                 wait = 5.0 if deadline is None else min(5.0, max(0.05, deadline - now))
                 wait = min(wait, max(0.05, compact_at - time.monotonic()))
+                if self.scaler.active or self._drain_began:
+                    wait = min(wait, AUTOSCALE_TICK_S)
                 waiter = asyncio.create_task(dirty.wait(), name="placer-wake")
+                nudged = asyncio.create_task(nudge.wait(), name="placer-nudge")
                 try:
-                    done, _ = await asyncio.wait({waiter, follower}, timeout=wait,
+                    done, _ = await asyncio.wait({waiter, nudged, follower}, timeout=wait,
                                                  return_when=asyncio.FIRST_COMPLETED)
                 finally:
                     waiter.cancel()
+                    nudged.cancel()
                 if follower in done:
                     follower.result()
                 if not view.synced:
                     continue
                 # A burst of events (an agent registering 16 backends) is one decision.
                 await asyncio.sleep(self.debounce)
+                nudge.clear()
+                was_dirty = dirty.is_set()
                 dirty.clear()
+                # A load sample alone asks for no placement unless the autoscaler changed a
+                # count, a replica drains, or the periodic pass is due.
+                if not (was_dirty or self._drain_began or time.monotonic() >= full_at
+                        or self.step_autoscaler(view, time.time())):
+                    continue
+                full_at = time.monotonic() + 5.0
                 await self.place_once(view, fence)
         finally:
             follower.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await follower
+
+    def step_autoscaler(self, view: FleetView, now: float) -> bool:
+        """Sample the load and decide the autoscaled counts; True when one changed."""
+        return self.scaler.step(view.deployments, view.statuses, view.loads.values(),
+                                list(view.backends.values()), now)
+
+    def _drain_done(self, key: str, a: AssignmentRecord, view: FleetView, now: float) -> bool:
+        """Whether a replica being scaled away has finished its requests (or may wait no
+        longer): its backend no longer serves, or it has said "draining" for
+        DRAIN_GRACE_S and neither its engine nor any scheduler has a request on it."""
+        began = self._drain_began.setdefault(key, now)
+        b = view.backend_of(a)
+        if b is None or b.state not in ("ready", "draining") or now - began >= self.drain_timeout:
+            return True
+        if b.state != "draining":
+            return False  # its agent has not taken it out of routing yet
+        seen = self._drain_seen.setdefault(key, now)
+        if now - seen < DRAIN_GRACE_S:
+            return False
+        if b.load is not None and (b.load.running or 0) + (b.load.waiting or 0) > 0:
+            return False
+        me = f"{a.node}/{a.name}"
+        return not any(x.backend == me and x.inflight > 0
+                       for record in view.loads.values() for x in record.backends)
+
+    def _split_draining(self, view: FleetView, wanted: Mapping[str, DeploymentRecord],
+                        given_up: set[str], now: float
+                        ) -> tuple[list[AssignmentRecord], list[AssignmentRecord]]:
+        """The assignments placement may keep, and the replicas scaled away that drain
+        first: of a deployment that still exists, on a live undrained node, in the current
+        generation, with an index at or above the wanted count, and not finished yet."""
+        current: list[AssignmentRecord] = []
+        draining: list[AssignmentRecord] = []
+        for key, a in view.assignments.items():
+            if key in given_up:
+                continue
+            d = wanted.get(a.deployment)
+            if (d is not None and a.replica >= d.replicas and a.node in view.nodes
+                    and a.node not in view.drained and a.generation == generation(d)):
+                if not self._drain_done(key, a, view, now):
+                    draining.append(a if a.draining else dataclasses.replace(a, draining=True))
+                continue
+            current.append(a)
+        keep = {self.keys.assignment(a.node, a.name) for a in draining}
+        for gone in [k for k in self._drain_began if k not in keep]:
+            del self._drain_began[gone]
+            self._drain_seen.pop(gone, None)
+        return current, draining
 
     async def place_once(self, view: FleetView, fence: Fence) -> Changes:
         """Decide from ``view`` and write the difference under ``fence``."""
@@ -418,21 +513,40 @@ class Placer:
         given_up = self.failures.observe(view, now)
         for line in given_up:
             log.warning(line)
+        self.step_autoscaler(view, now)
+        wanted = self.scaler.effective(view.deployments)
         # The replicas given up on are placed as if new (the avoid keeps them off that
-        # node); their neighbours on the same node stay where they are.
-        current = [a for key, a in view.assignments.items()
-                   if key not in self.failures.given_up]
-        result = place(list(view.deployments.values()), list(view.nodes.values()),
+        # node); their neighbours on the same node stay where they are. Replicas scaled
+        # away drain first, holding their GPUs meanwhile.
+        current, draining = self._split_draining(view, wanted, self.failures.given_up, now)
+        result = place(list(wanted.values()), list(view.nodes.values()),
                        current, reserved=view.reserved(),
                        drained=frozenset(view.drained), avoid=self.failures.avoid(now),
-                       now=now)
-        statuses = {name: dataclasses.replace(s, placer=self.holder, updated_at=now)
-                    for name, s in result.status.items()}
+                       now=now, holding=draining)
+        # A replica wanted again while it drained is kept, and serves again.
+        assignments = sorted(
+            [dataclasses.replace(a, draining=False) if a.draining else a
+             for a in result.assignments] + draining,
+            key=lambda a: (a.node, a.name))
+        statuses = {}
+        for name, s in result.status.items():
+            s = dataclasses.replace(s, placer=self.holder, updated_at=now)
+            scaled = self.scaler.state(name)
+            if scaled is not None:
+                s.desired, s.scaled_at = scaled
+            statuses[name] = s
         self.pending = sum(s.pending for s in statuses.values())
-        diff = changes(self.keys, view, result.assignments, statuses)
+        diff = changes(self.keys, view, assignments, statuses)
         self.passes += 1
-        trail = [audit.audit_put(self.keys, e) for e in placement_audit(
-            self.keys, view, result.assignments, given_up, who=self.holder, now=now)]
+        entries = [audit.entry("placer", "autoscale", e.deployment, old=e.old, new=e.new,
+                               detail=f"replicas {e.old} -> {e.new}: {e.reason}",
+                               who=self.holder, now=e.time)
+                   for e in self.scaler.take_events()]
+        for e in entries:
+            log.info("autoscale", extra={"deployment": e.target, "detail": e.detail})
+        entries += placement_audit(self.keys, view, assignments, given_up, who=self.holder,
+                                   now=now, deployments=wanted)
+        trail = [audit.audit_put(self.keys, e) for e in entries]
         for puts, deletes in _batches(diff, trail):
             written = await self.store.txn([fence.compare], puts=puts, deletes=deletes)
             if not written.succeeded:
