@@ -313,7 +313,8 @@ def node_record(app: web.Application) -> NodeRecord:
                       started_at=app[STARTED_AT], heartbeat_at=time.time(),
                       gpus=list(app[GPUS].gpus), agent_url=agent_url(config),
                       labels=dict(app[LIVE].labels),
-                      cpu_count=len(os.sched_getaffinity(0)))
+                      cpu_count=len(os.sched_getaffinity(0)),
+                      cost_per_hour=config.cost_per_hour)
 
 
 def status_line(app: web.Application) -> str:

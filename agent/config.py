@@ -114,6 +114,10 @@ class AgentConfig(DaemonConfig):
     offer_integrated: bool = setting(False)
     # Published in the node record; deployments may require some (aivmmctl deploy --label).
     labels: dict[str, str] = setting({}, check=_labels)
+    # What this machine costs per hour (any currency, the same on every node); published in
+    # the node record for the placer's "cost" policy and the cost per million output tokens.
+    cost_per_hour: float | None = setting(
+        None, check=lambda v: None if v is None or v >= 0 else "a number >= 0")
     # Ports the agent gives to deployment replicas (pinned backends keep their own ports).
     assignment_ports: str = setting("20000-20999", check=_port_range)
     backend: list[BackendConfig] = setting([])

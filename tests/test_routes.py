@@ -329,3 +329,34 @@ async def test_route_flags_are_checked(etcd_server: EtcdServer, prefix: str) -> 
         done = await ctl(etcd_server.url, prefix, *args)
         assert done.returncode == 2 and message in done.stderr, (args, done.stderr)
     assert RouteGuard().window_s == 60.0
+
+
+# -- cost ----------------------------------------------------------------------------------------
+
+def test_cost_policy_prefers_the_cheapest_nodes_that_fit_and_spreads_among_equals() -> None:
+    from common.records import DeploymentRecord
+    from scheduler.placer.placement import place as place_replicas
+
+    def node(name: str, cost: float | None, gpus: int) -> NodeRecord:
+        return NodeRecord(name, "v", 0, 0, cost_per_hour=cost, gpus=[
+            GpuRecord(i, "nvidia", "H200", f"{name}-{i}", f"0:{i}") for i in range(gpus)])
+
+    nodes = [node("dear", 9.0, 4), node("cheap-a", 1.0, 1), node("cheap-b", 1.0, 1),
+             node("unknown", None, 4)]
+    d = DeploymentRecord("d", "m", engine="vllm", replicas=5, placement="cost")
+    result = place_replicas([d], nodes, [], reserved={}, now=0.0)
+    where = collections.Counter(a.node for a in result.assignments)
+    # Both cheap nodes first (one each: spread among equals), then the dear one; a node whose
+    # cost is unknown comes last.
+    assert where == {"cheap-a": 1, "cheap-b": 1, "dear": 3}
+    d.replicas = 8
+    where = collections.Counter(a.node for a in place_replicas(
+        [d], nodes, [], reserved={}, now=0.0).assignments)
+    assert where == {"cheap-a": 1, "cheap-b": 1, "dear": 4, "unknown": 2}
+
+
+def test_agent_config_takes_cost_per_hour(tmp_path: object) -> None:
+    from agent.config import AgentConfig
+
+    assert AgentConfig(cost_per_hour=2.5).cost_per_hour == 2.5
+    assert AgentConfig().cost_per_hour is None
