@@ -217,7 +217,10 @@ class Proxy:
         status = 0
         backend_key = ""
         try:
-            b = self.router.choose(key, start)
+            # What the body says that matters to the choice (prefix key, answer length,
+            # stream): parsed only when there is a choice to make.
+            hint = self.router.hint(key, body)
+            b = self.router.choose(key, start, hint=hint)
             if b is None:
                 b = await self._wait_for_backend(key, start + s.queue_timeout)
                 if b is None:
@@ -262,7 +265,7 @@ class Proxy:
                         "backend": b.key, "model": model, "reason": err.reason})
                     nxt = None
                     if len(tried) < s.max_attempts and now < deadline:
-                        nxt = self.router.choose(key, now, exclude=still_out())
+                        nxt = self.router.choose(key, now, exclude=still_out(), hint=hint)
                         if nxt is None:
                             # Every other backend is briefly out (ejected, or restarting
                             # after the same crash): queue for one, as a new request would,
@@ -341,7 +344,9 @@ class Proxy:
                 self._failure(b, now, f"status_{up.status}")
             else:
                 b.ejection.success()
-                b.observe(now - sent, now)
+                # A non-streamed answer's first byte is the end of generation: its time is
+                # kept apart from the time to first token of streams.
+                b.observe(now - sent, now, streamed=up.content_type == "text/event-stream")
                 self.metrics.ttfb.labels(model, b.key).observe(now - sent)
                 if (tap := request.get(TAP)) is not None:
                     tap.first_byte(now, b.key)
@@ -382,6 +387,9 @@ class Proxy:
         # The loop's clock and self.clock may differ; carry the deadline over as a remainder.
         end = loop.time() + (deadline - self.clock())
         sse = up.content_type == "text/event-stream"
+        # SSE events relayed, for the backend's decode speed (one token per event, roughly).
+        events = first.count(b"data:") if sse else 0
+        first_at = self.clock()
         # One timer for the whole relay, re-armed for each step: a read from the backend may
         # take stream_idle_timeout (and not outlive the request), a write to the client
         # client_write_timeout. ``writing`` says whose side a failure is on.
@@ -402,8 +410,12 @@ class Proxy:
                     timer.reschedule(loop.time() + s.client_write_timeout)
                     if not chunk:
                         await resp.write_eof()
+                        if sse:
+                            self._stream_done(b, events, self.clock() - first_at)
                         return resp, True
                     await resp.write(chunk)
+                    if sse:
+                        events += chunk.count(b"data:")
                     if tap is not None:
                         tap.chunk(chunk)
         except (TimeoutError, aiohttp.ClientError, ConnectionError, OSError) as err:
@@ -441,6 +453,14 @@ class Proxy:
             if request.transport is not None:
                 request.transport.close()
             return resp, False
+
+    def _stream_done(self, b: Backend, events: int, seconds: float) -> None:
+        """A stream ended cleanly: learn the backend's time per output token from it. Its
+        events are the tokens plus the finish chunk and ``[DONE]``."""
+        tokens = events - 2
+        if tokens >= 2:
+            b.observe_decode(seconds / (tokens - 1), self.clock())
+            self.router.observe_output(tokens)
 
     def _client_abort(self, request: web.Request, b: Backend, model: str,
                       reason: str) -> None:

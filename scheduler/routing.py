@@ -1,11 +1,15 @@
 """Choosing a backend for a request: pure state and arithmetic, no I/O.
 
-Cost of a backend = peak-EWMA latency * (in-flight + 1 + engine queue), the load metric of
-Finagle's and Linkerd's balancers. Choice is power of two choices: draw two candidates at
-random, take the cheaper. Each replica draws from its own random generator, so replicas that
-see the same etcd view spread their picks instead of herding onto the one cheapest backend.
-Candidates come from an index by model, so a decision costs the same however many backends
-the cluster has.
+Cost of a backend = expected time of the request there (peak-EWMA time to first token of
+streamed answers + expected tokens x learnt time per output token; for a non-streamed
+request, the backend's non-streamed answer time) x (in-flight + 1 + engine queue) x a KV-cache
+penalty (scheduler/score.py). Choice is power of two choices: draw two candidates at random,
+take the cheaper; then prefix locality: the request's preferred backend on a consistent-hash
+ring of the model's backends wins unless it costs more than a bounded slack above that pick.
+Each replica draws from its own random generator, so replicas that see the same etcd view
+spread their picks instead of herding onto the one cheapest backend; the ring is the same on
+every replica. Candidates come from an index by model, so a decision costs the same however
+many backends the cluster has.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 
 from common.records import BackendRecord
+from scheduler import score
+from scheduler.score import Hint
 
 # The latency assumed for a backend that has neither samples nor a probe figure yet.
 DEFAULT_LATENCY_S = 0.05
@@ -86,9 +92,18 @@ class Backend:
     revivals: int = 0  # times its agent reported it ready again after it was not
     waiting: int = 0
     probe_latency_s: float | None = None
+    kv: float = 0.0  # the engine's KV-cache usage, 0..1
+    # Peak-EWMAs: time to first byte of streamed answers (ewma_s), time per output token
+    # learnt from streams (tpot_s) and the whole time of non-streamed answers (whole_s).
     ewma_s: float = 0.0
     stamp: float = 0.0
     samples: int = 0
+    tpot_s: float = 0.0
+    tpot_stamp: float = 0.0
+    tpot_samples: int = 0
+    whole_s: float = 0.0
+    whole_stamp: float = 0.0
+    whole_samples: int = 0
     inflight: int = 0
     ejection: Ejection = field(default_factory=Ejection)
 
@@ -96,29 +111,66 @@ class Backend:
         """Peak-EWMA time to first byte; before any sample, the agent's probe figure."""
         if not self.samples:
             return self.probe_latency_s or DEFAULT_LATENCY_S
-        # Decay towards zero while idle (as Finagle does), so a backend that lost its traffic
-        # after a slow spell is tried again eventually and can prove it has recovered.
-        age = now - self.stamp
-        return self.ewma_s * math.exp(-age / DECAY_S) if age > 0 else self.ewma_s
+        return _decayed(self.ewma_s, self.stamp, now)
 
-    def cost(self, now: float) -> float:
-        return self.latency(now) * (self.inflight + 1 + self.waiting)
+    def tpot(self, now: float) -> float:
+        """Time per output token learnt from streams; 0 (not counted) before any."""
+        return _decayed(self.tpot_s, self.tpot_stamp, now) if self.tpot_samples else 0.0
 
-    def observe(self, seconds: float, now: float) -> None:
-        """Fold one time-to-first-byte sample into the peak-EWMA."""
-        if not self.samples:
-            self.ewma_s = seconds
+    def whole(self, now: float) -> float | None:
+        """Time of a whole non-streamed answer; None before any."""
+        return _decayed(self.whole_s, self.whole_stamp, now) if self.whole_samples else None
+
+    def seconds(self, now: float, tokens: float = 0.0, stream: bool = True) -> float:
+        """Expected time of one request here, before load is counted."""
+        return score.request_seconds(self.latency(now), self.tpot(now), self.whole(now),
+                                     tokens, stream)
+
+    def cost(self, now: float, tokens: float = 0.0, stream: bool = True) -> float:
+        return score.cost(self.seconds(now, tokens, stream), self.inflight, self.waiting,
+                          self.kv)
+
+    def observe(self, seconds: float, now: float, streamed: bool = True) -> None:
+        """Fold one time-to-first-byte sample into the peak-EWMA: streamed answers' into
+        time to first byte, others' (whose first byte is the end of generation) apart."""
+        if streamed:
+            self.ewma_s = _peak(self.ewma_s, self.stamp, self.samples, seconds, now)
+            self.stamp = now
+            self.samples += 1
         else:
-            current = self.latency(now)
-            if seconds > current:
-                # Peak sensitivity: a slow answer counts in full at once; only recovery is
-                # smoothed, so a backend going bad loses traffic immediately.
-                self.ewma_s = seconds
-            else:
-                w = math.exp(-(now - self.stamp) / DECAY_S)
-                self.ewma_s = current * w + seconds * (1.0 - w)
-        self.stamp = now
-        self.samples += 1
+            self.whole_s = _peak(self.whole_s, self.whole_stamp, self.whole_samples, seconds,
+                                 now)
+            self.whole_stamp = now
+            self.whole_samples += 1
+
+    def observe_decode(self, seconds_per_token: float, now: float) -> None:
+        """Fold one stream's time per output token into its peak-EWMA."""
+        if not math.isfinite(seconds_per_token) or seconds_per_token < 0:
+            return
+        self.tpot_s = _peak(self.tpot_s, self.tpot_stamp, self.tpot_samples, seconds_per_token,
+                            now)
+        self.tpot_stamp = now
+        self.tpot_samples += 1
+
+
+def _decayed(value: float, stamp: float, now: float) -> float:
+    # Decay towards zero while idle (as Finagle does), so a backend that lost its traffic
+    # after a slow spell is tried again eventually and can prove it has recovered.
+    age = now - stamp
+    return value * math.exp(-age / DECAY_S) if age > 0 else value
+
+
+def _peak(value: float, stamp: float, samples: int, sample: float, now: float) -> float:
+    """The peak-EWMA after ``sample``."""
+    if not samples:
+        return sample
+    current = _decayed(value, stamp, now)
+    if sample > current:
+        # Peak sensitivity: a slow answer counts in full at once; only recovery is
+        # smoothed, so a backend going bad loses traffic immediately.
+        return sample
+    w = math.exp(-(now - stamp) / DECAY_S)
+    return current * w + sample * (1.0 - w)
 
 
 def backend_from_record(key: str, record: BackendRecord) -> Backend:
@@ -142,12 +194,20 @@ def _refresh(b: Backend, record: BackendRecord) -> None:
     # The figures come from the engine through its agent and are not to be trusted: a
     # negative queue or latency would give a negative cost and win every choice.
     b.waiting = _queue(record.load.waiting) if record.load else 0
+    b.kv = _ratio(record.load.kv_cache_usage) if record.load else 0.0
     b.probe_latency_s = _probe_s(record.probe_latency_ms)
 
 
 def _queue(value: int | None) -> int:
     """An engine's queue length, 0 when it says none or something impossible."""
     return value if value is not None and value > 0 else 0
+
+
+def _ratio(value: float | None) -> float:
+    """A KV-cache usage in 0..1; 0 (no reading) when absent or impossible."""
+    if value is None or not 0.0 <= value <= 1.0:
+        return 0.0
+    return value
 
 
 def _probe_s(ms: float | None) -> float | None:
@@ -179,6 +239,11 @@ class Router:
         self.rng = rng or random.Random()
         self.backends: dict[str, Backend] = {}
         self._by_model: dict[str, list[Backend]] = {}
+        # Per pool: the consistent-hash ring of its backends, built when first needed and
+        # dropped when the pool's membership changes.
+        self._rings: dict[Pool, tuple[list[int], list[int]]] = {}
+        # Tokens of an answer, averaged over the streams seen (for requests with no limit).
+        self.mean_output = float(score.DEFAULT_OUTPUT_TOKENS)
         self._by_deployment: dict[str, list[Backend]] = {}
         self._eject = (eject_threshold, eject_base_s, eject_max_s)
         self.max_inflight = max_inflight
@@ -224,8 +289,16 @@ class Router:
             self._by_model.setdefault(model, []).append(b)
         if b.deployment is not None:
             self._by_deployment.setdefault(b.deployment, []).append(b)
+        self._drop_rings(b.models, b.deployment)
+
+    def _drop_rings(self, models: tuple[str, ...], deployment: str | None) -> None:
+        for model in models:
+            self._rings.pop(model, None)
+        if deployment is not None:
+            self._rings.pop(Deployed(deployment), None)
 
     def _unindex(self, b: Backend, models: tuple[str, ...], deployment: str | None) -> None:
+        self._drop_rings(models, deployment)
         for index, names in ((self._by_model, models),
                              (self._by_deployment, () if deployment is None else (deployment,))):
             for name in names:
@@ -264,10 +337,51 @@ class Router:
         return (b.ready and not b.ejection.ejected(now)
                 and (not self.max_inflight or b.inflight < self.max_inflight))
 
-    def choose(self, model: Pool, now: float, exclude: Collection[Backend] = ()
-               ) -> Backend | None:
+    def hint(self, model: Pool, body: bytes) -> Hint | None:
+        """What ``body`` says that matters to a choice; None (nothing parsed) when the pool
+        has a single backend and there is no choice to make."""
+        group = self._group(model)
+        if group is None or len(group) < 2:
+            return None
+        return score.request_hint(body)
+
+    def observe_output(self, tokens: int) -> None:
+        """One stream's answer length, for requests that set no limit."""
+        self.mean_output += (tokens - self.mean_output) * 0.05
+
+    def choose(self, model: Pool, now: float, exclude: Collection[Backend] = (),
+               hint: Hint | None = None) -> Backend | None:
         """Power of two choices among the usable backends of ``model`` (a model id, or a
-        :class:`Deployed` pool) not in ``exclude``."""
+        :class:`Deployed` pool) not in ``exclude``, then the request's preferred backend by
+        prefix, within bounds (module docstring)."""
+        tokens = float(hint.max_tokens or self.mean_output) if hint else self.mean_output
+        stream = hint.stream if hint else True
+        best = self._p2c(model, now, exclude, tokens, stream)
+        if best is None or hint is None or hint.key is None:
+            return best
+        group = self._group(model)
+        assert group is not None
+        ring = self._rings.get(model)
+        if ring is None:
+            ring = self._rings[model] = score.build_ring([b.key for b in group])
+        best_cost = best.cost(now, tokens, stream)
+        tried = 0
+        for i in score.ring_walk(ring[0], ring[1], hint.key):
+            b = group[i]
+            if b in exclude or not self.usable(b, now):
+                continue
+            if b is best:
+                return b
+            unit = b.seconds(now, tokens, stream)
+            if score.within_slack(b.cost(now, tokens, stream), best_cost, unit):
+                return b
+            tried += 1
+            if tried == 2:
+                break
+        return best
+
+    def _p2c(self, model: Pool, now: float, exclude: Collection[Backend], tokens: float,
+             stream: bool) -> Backend | None:
         group = self._group(model)
         if not group:
             return None
@@ -298,7 +412,7 @@ class Router:
             return None
         if second is None:
             return first
-        c1, c2 = first.cost(now), second.cost(now)
+        c1, c2 = first.cost(now, tokens, stream), second.cost(now, tokens, stream)
         if c1 == c2:
             return first if rng.random() < 0.5 else second
         return first if c1 < c2 else second

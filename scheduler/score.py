@@ -1,0 +1,174 @@
+"""The score of a backend for one request, and the request's prefix key: pure functions.
+
+What a choice weighs (docs/scheduler.md, "Routing", says why):
+
+- **expected time of this request on the backend**: time to first token (peak-EWMA of
+  streamed answers only) plus the answer's expected tokens times the backend's time per
+  output token (learnt from streams). A backend that answers its first byte fast but decodes
+  slowly is no longer chosen for long answers. A non-streamed request is weighed by the
+  backend's non-streamed answer times, kept apart: their first byte is the end of generation,
+  and mixed into time to first token they would make a backend look slow for streams.
+- **load**: that time times (requests this replica has in flight there + 1 + the engine's own
+  queue), as before, and times a penalty once the engine's KV cache is nearly full (it is about
+  to queue or preempt).
+- **prefix locality**: a request's key is a hash of the opening of its prompt (chat: the
+  messages up to and including the first user message; text: its first ``TEXT_KEY_CHARS``
+  characters; none under ``MIN_KEY_CHARS``), which every later turn of the same conversation
+  repeats. Its preferred
+  backends are the first ones clockwise from the key on a consistent-hash ring of the model's
+  backends: the ring depends only on the backends' keys, so every replica computes the same
+  preference with no shared state, and a backend joining or leaving moves only its own share
+  of keys. The preferred backend is taken unless its cost is more than ``LOCALITY_SLACK``
+  (plus one request) above that of the power-of-two-choices pick: a bounded load, so a hot
+  key or a busy backend spills over to the cheaper one instead.
+"""
+
+from __future__ import annotations
+
+import bisect
+import functools
+import hashlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+# Points per backend on the ring: enough for an even share of keys with a few backends.
+RING_POINTS = 16
+# The preferred backend is taken while its cost is at most this much above the P2C pick's.
+LOCALITY_SLACK = 0.5
+# Ring steps walked looking for a usable preferred backend before giving up on locality.
+RING_WALK = 32
+# An opening shorter than this has no key: a few blocks of prefix save next to nothing, and
+# such requests are better spread by load alone.
+MIN_KEY_CHARS = 256
+# The opening of a text prompt that keys it.
+TEXT_KEY_CHARS = 1024
+# Longest opening hashed for a chat key (a longer system prompt keys on its start alone).
+MAX_KEY_CHARS = 32768
+# Answer length assumed before any stream was measured and when a request sets no limit.
+DEFAULT_OUTPUT_TOKENS = 256
+# KV-cache usage from which a backend's cost grows (x2 at 100 %).
+KV_SOFT = 0.9
+
+
+@dataclass(frozen=True, slots=True)
+class Hint:
+    """What the body says that matters to a choice."""
+
+    key: int | None = None      # prefix key (None: no locality)
+    max_tokens: int | None = None
+    stream: bool = False
+
+
+def stable_hash(data: bytes) -> int:
+    """A 64-bit hash that is the same in every process (Python's ``hash`` is salted)."""
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big")
+
+
+def _text(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(p.get("text", "") for p in content
+                       if isinstance(p, dict) and isinstance(p.get("text"), str))
+    return ""
+
+
+def prefix_text(data: dict[str, Any]) -> str | None:
+    """The opening of the request's prompt that later turns repeat, or None."""
+    messages = data.get("messages")
+    if isinstance(messages, list) and messages:
+        parts: list[str] = []
+        size = 0
+        for m in messages:
+            if not isinstance(m, dict):
+                return None
+            text = _text(m.get("content"))
+            parts.append(str(m.get("role", "")))
+            parts.append(text)
+            size += len(text)
+            if m.get("role") == "user" or size >= MAX_KEY_CHARS:
+                break
+        return "\x00".join(parts)[:MAX_KEY_CHARS]
+    prompt = data.get("prompt")
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if isinstance(prompt, str) and prompt:
+        return prompt[:TEXT_KEY_CHARS]
+    return None
+
+
+def request_hint(body: bytes) -> Hint:
+    """The :class:`Hint` of a request body (an empty one for anything unusable)."""
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return Hint()
+    if not isinstance(data, dict):
+        return Hint()
+    text = prefix_text(data)
+    limit = data.get("max_completion_tokens") or data.get("max_tokens")
+    return Hint(key=stable_hash(text.encode()) if text and len(text) >= MIN_KEY_CHARS else None,
+                max_tokens=limit if isinstance(limit, int) and limit > 0 else None,
+                stream=data.get("stream") is True)
+
+
+# -- the ring --------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=1 << 16)
+def ring_points(key: str) -> tuple[int, ...]:
+    """A backend's points on the ring (from its key alone)."""
+    return tuple(stable_hash(f"{key}#{i}".encode()) for i in range(RING_POINTS))
+
+
+def build_ring(keys: Sequence[str]) -> tuple[list[int], list[int]]:
+    """(sorted points, index into ``keys`` of each point's backend)."""
+    pairs = sorted((p, i) for i, k in enumerate(keys) for p in ring_points(k))
+    return [p for p, _ in pairs], [i for _, i in pairs]
+
+
+def ring_walk(points: list[int], owners: list[int], key: int,
+              limit: int = RING_WALK) -> Iterator[int]:
+    """Indices of backends clockwise from ``key``, each once, at most ``limit`` steps."""
+    n = len(points)
+    if not n:
+        return
+    start = bisect.bisect_left(points, key)
+    seen: set[int] = set()
+    for step in range(min(limit, n)):
+        owner = owners[(start + step) % n]
+        if owner not in seen:
+            seen.add(owner)
+            yield owner
+
+
+# -- the cost --------------------------------------------------------------------------------
+
+def request_seconds(ttft_s: float, tpot_s: float, whole_s: float | None, tokens: float,
+                    stream: bool) -> float:
+    """Expected time of one request on a backend, before load is counted."""
+    if not stream and whole_s is not None:
+        return whole_s
+    return ttft_s + tokens * tpot_s
+
+
+def kv_factor(kv: float) -> float:
+    """1 below ``KV_SOFT`` usage, rising linearly to 2 at a full cache."""
+    if kv <= KV_SOFT:
+        return 1.0
+    return 1.0 + (min(kv, 1.0) - KV_SOFT) / (1.0 - KV_SOFT)
+
+
+def cost(seconds: float, inflight: int, waiting: int, kv: float) -> float:
+    """A backend's cost for a request: its expected time times the queue it would join."""
+    return seconds * (inflight + 1 + waiting) * kv_factor(kv)
+
+
+def within_slack(preferred: float, best: float, unit: float,
+                 slack: float = LOCALITY_SLACK) -> bool:
+    """Whether the preferred backend's cost is close enough to the best alternative's: at
+    most ``slack`` above it plus ``unit``, one request's time on the preferred backend (so one
+    request in flight there never outweighs a cached prefix when the others are idle)."""
+    return preferred <= best * (1.0 + slack) + unit
