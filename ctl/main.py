@@ -27,6 +27,7 @@ from common.records import (
     parse_drain,
     parse_node,
 )
+from common.routeview import backend_costs, read_routes, route_views
 from common.store import Compare, EtcdStore, StoreUnavailable
 from ctl import deployments, routes
 
@@ -52,13 +53,17 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 def render(nodes: list[NodeRecord], backends: list[BackendRecord], skipped: int,
            now: float, drained: Sequence[str] = (),
-           deployment_views: Sequence[dict[str, Any]] = ()) -> str:
-    """The human-readable status: nodes, GPUs, backends, and deployments when there are."""
+           deployment_views: Sequence[dict[str, Any]] = (),
+           route_views: Sequence[dict[str, Any]] = (),
+           costs: Sequence[dict[str, Any]] = ()) -> str:
+    """The human-readable status: nodes, GPUs, backends, and deployments, routes and costs
+    when there are."""
     out = [f"NODES ({len(nodes)})"]
     out.append(table(
-        ["NODE", "GPUS", "AGENT", "HEARTBEAT", ""],
+        ["NODE", "GPUS", "AGENT", "HEARTBEAT", "COST/H", ""],
         [[n.node, str(len(n.gpus)), n.agent_version, f"{max(0.0, now - n.heartbeat_at):.0f}s ago",
-          "drained" if n.node in drained else ""] for n in nodes]))
+          _num(n.cost_per_hour, "{:.2f}"), "drained" if n.node in drained else ""]
+         for n in nodes]))
     gone = [d for d in drained if d not in {n.node for n in nodes}]
     if gone:
         out.append(f"drained, not running: {', '.join(gone)}")
@@ -75,6 +80,15 @@ def render(nodes: list[NodeRecord], backends: list[BackendRecord], skipped: int,
     out += ["", f"BACKENDS ({len(backends)})", render_backends(backends)]
     if deployment_views:
         out += ["", deployments.render_summary(list(deployment_views), table)]
+    if route_views:
+        out += ["", routes.render_routes(list(route_views), 0, table)]
+    priced = [c for c in costs if c["cost_per_hour"] is not None]
+    if priced:
+        out += ["", f"COSTS ({len(priced)})", table(
+            ["BACKEND", "COST/H", "OUTPUT TOKENS", "TOK/S", "COST/MTOK"],
+            [[c["backend"], f"{c['cost_per_hour']:.3f}", str(c["output_tokens"]),
+              _num(c["tokens_per_s"], "{:.1f}"), _num(c["cost_per_mtok"], "{:.3f}")]
+             for c in priced])]
     if skipped:
         out += ["", f"warning: {skipped} record(s) could not be parsed and were skipped"]
     return "\n".join(out)
@@ -88,6 +102,7 @@ async def fetch(endpoints: list[str], prefix: str, deadline: float) -> dict[str,
         backend_snap = await store.get_prefix(keys.backends)
         drain_snap = await store.get_prefix(keys.drains)
         records = await read_records(store, keys)
+        routed = await read_routes(store, keys)
     nodes, skipped = [], 0
     for kv in node_snap.items:
         try:
@@ -98,7 +113,9 @@ async def fetch(endpoints: list[str], prefix: str, deadline: float) -> dict[str,
     drained = sorted(kv.key.removeprefix(keys.drains) for kv in drain_snap.items)
     return {"nodes": nodes, "backends": backends, "drained": drained,
             "deployments": deployment_views(records, backends),
-            "skipped": skipped + bad + records.skipped}
+            "routes": route_views(routed.routes, routed.stats),
+            "costs": backend_costs(nodes, backends, routed.stats),
+            "skipped": skipped + bad + records.skipped + routed.skipped}
 
 
 def render_backends(backends: list[BackendRecord]) -> str:
@@ -307,7 +324,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdout.write(_json(view))
     else:
         print(render(view["nodes"], view["backends"], view["skipped"], time.time(),
-                     view["drained"], view["deployments"]))
+                     view["drained"], view["deployments"], view["routes"], view["costs"]))
     return 0
 
 

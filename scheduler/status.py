@@ -23,6 +23,7 @@ from common.audit import parse_entries
 from common.deployview import deployment_views, read_records
 from common.keys import Keys
 from common.records import BackendRecord, RecordError, parse_backend, parse_node, to_dict
+from common.routeview import backend_costs, read_routes, route_views
 from scheduler.routing import Router
 
 log = logging.getLogger(__name__)
@@ -100,6 +101,9 @@ class EtcdView:
     backends: dict[str, dict[str, Any]] = field(default_factory=dict)
     deployments: list[dict[str, Any]] = field(default_factory=list)
     audit: list[dict[str, Any]] = field(default_factory=list)  # the last changes, newest first
+    # Routes with every replica's figures summed, and each backend's cost (common/routeview).
+    routes: list[dict[str, Any]] = field(default_factory=list)
+    costs: dict[str, dict[str, Any]] = field(default_factory=dict)
     error: str | None = None
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
@@ -109,10 +113,12 @@ class EtcdView:
             if store is None or time.monotonic() - self.read_at < ETCD_CACHE_S:
                 return
             try:
-                nodes, backends, deployments, trail = await asyncio.wait_for(asyncio.gather(
-                    store.get_prefix(self.keys.nodes), store.get_prefix(self.keys.backends),
-                    read_records(store, self.keys),
-                    store.get_last(self.keys.audit, AUDIT_SHOWN)), ETCD_READ_S)
+                nodes, backends, deployments, trail, routed = await asyncio.wait_for(
+                    asyncio.gather(
+                        store.get_prefix(self.keys.nodes), store.get_prefix(self.keys.backends),
+                        read_records(store, self.keys),
+                        store.get_last(self.keys.audit, AUDIT_SHOWN),
+                        read_routes(store, self.keys)), ETCD_READ_S)
             except Exception as err:  # an etcd outage: keep the last view, say so
                 self.error = str(err) or type(err).__name__
                 self.read_at = time.monotonic()
@@ -120,11 +126,13 @@ class EtcdView:
             self.error = None
             self.read_at = time.monotonic()
             self.nodes = []
+            node_records = []
             for kv in nodes.items:
                 try:
-                    self.nodes.append(to_dict(parse_node(kv.value)))
+                    node_records.append(parse_node(kv.value))
                 except RecordError:
                     continue
+                self.nodes.append(to_dict(node_records[-1]))
             self.backends = {}
             records: list[BackendRecord] = []
             for kv in backends.items:
@@ -135,6 +143,9 @@ class EtcdView:
                 records.append(b)
                 self.backends[f"{b.node}/{b.name}"] = to_dict(b)
             self.deployments = deployment_views(deployments, records)
+            self.routes = route_views(routed.routes, routed.stats)
+            self.costs = {c["backend"]: c
+                          for c in backend_costs(node_records, records, routed.stats)}
             entries, _ = parse_entries((kv.key, kv.value) for kv in trail.items)
             # Who did what and why; not the old and new values, which may hold environment
             # values, and /v1/cluster may be public (aivmmctl audit shows them).
@@ -163,6 +174,7 @@ def cluster(router: Router, view: EtcdView, rates: dict[tuple[str, str], float] 
             "latency_ms": round(b.latency(now) * 1000, 2),
             "probe_latency_ms": record.get("probe_latency_ms"),
             "inflight": b.inflight, "waiting": b.waiting,
+            "cost_per_mtok": view.costs.get(b.key, {}).get("cost_per_mtok"),
             "rate": None if rates is None else round(per_backend.get(b.key, 0.0), 3)})
     return {
         "etcd": {"connected": etcd_connected, "error": view.error},
@@ -174,6 +186,7 @@ def cluster(router: Router, view: EtcdView, rates: dict[tuple[str, str], float] 
                    for m in sorted({m for b in backends for m in b["models"]})},
         "request_rate": None if rates is None else round(sum(per_model.values()), 3),
         "deployments": view.deployments,
+        "routes": view.routes,
         "audit": view.audit,
         "failovers": [{"at": f.at, "model": f.model, "backend": f.backend, "reason": f.reason}
                       for f in reversed(failovers.items)],
@@ -221,10 +234,15 @@ background:var(--info)}.dim{color:var(--dim)}#updated{margin-left:auto;color:var
 <section><h2>Deployments</h2><table id="deployments"><thead><tr><th>deployment</th>
 <th>model</th><th class="num">desired / placed / ready</th><th>replicas (node, GPUs, state)</th>
 <th>pending</th></tr></thead><tbody></tbody></table></section>
+<section><h2>Routes</h2><table id="routes"><thead><tr><th>route</th><th>target</th>
+<th class="num">weight</th><th class="num">split</th><th class="num">requests</th>
+<th class="num">served</th><th class="num">errors</th><th class="num">TTFT ms</th>
+<th class="num">p95 ms</th><th class="num">tokens</th><th class="num">tok/s</th><th>guard</th>
+</tr></thead><tbody></tbody></table></section>
 <section><h2>Backends</h2><table id="backends"><thead><tr><th>backend</th><th>model</th>
 <th>state</th><th>engine</th><th class="num">latency ms</th><th class="num">probe ms</th>
 <th class="num">in flight</th><th class="num">queued</th><th class="num">req/s</th>
-<th>error</th></tr></thead><tbody></tbody></table></section>
+<th class="num">cost/Mtok</th><th>error</th></tr></thead><tbody></tbody></table></section>
 <section><h2>Last changes</h2><table id="audit"><thead><tr><th>when</th><th>actor</th>
 <th>verb</th><th>target</th><th>detail</th></tr></thead><tbody></tbody></table></section>
 <section><h2>Recent failovers</h2><table id="failovers"><thead><tr><th>when</th><th>model</th>
@@ -282,13 +300,24 @@ function render(c) {
     <td>${esc(b.models.join(", "))}</td><td>${pill(b.state)}</td><td>${esc(b.engine)}</td>
     <td class="num">${num(b.latency_ms, 1)}</td><td class="num">${num(b.probe_latency_ms, 1)}</td>
     <td class="num">${b.inflight}</td><td class="num">${b.waiting}</td>
-    <td class="num">${num(b.rate, 2)}</td><td class="err">${esc(b.error)}</td></tr>`,
+    <td class="num">${num(b.rate, 2)}</td><td class="num">${num(b.cost_per_mtok, 3)}</td>
+    <td class="err">${esc(b.error)}</td></tr>`,
     "no backends registered");
   rows("#deployments", c.deployments, (d) => `<tr><td>${esc(d.name)}</td>
     <td>${esc(d.model)}</td><td class="num">${d.desired} / ${d.placed} / ${d.ready}</td>
     <td>${d.replicas.map(replica).join("") || "-"}</td>
     <td class="wrap warn">${esc(pending(d))}</td></tr>`,
     "no deployments (aivmmctl deploy)");
+  const targets = (c.routes || []).flatMap((r) => r.targets.map((t) => ({route: r.name, ...t})));
+  rows("#routes", targets, (t) => `<tr><td>${esc(t.route)}</td><td>${esc(t.target)}</td>
+    <td class="num">${t.weight == null ? "fallback " + t.fallback_rank : t.weight}</td>
+    <td class="num">${bar(t.split_pct / 100)}</td><td class="num">${t.requests}</td>
+    <td class="num">${t.served_pct == null ? "-" : num(t.served_pct, 1) + "%"}</td>
+    <td class="num">${t.errors}</td><td class="num">${num(t.ttft_ms, 1)}</td>
+    <td class="num">${num(t.p95_ttft_ms, 1)}</td><td class="num">${t.output_tokens}</td>
+    <td class="num">${num(t.tokens_per_s, 1)}</td>
+    <td class="wrap warn">${t.tripped ? pill("tripped") + " " + esc(t.tripped.reason) : ""}</td>
+    </tr>`, "no routes (aivmmctl route)");
   rows("#failovers", c.failovers.slice(0, 15), (f) => `<tr>
     <td>${esc(new Date(f.at * 1000).toLocaleTimeString())}</td><td>${esc(f.model)}</td>
     <td>${esc(f.backend)}</td><td>${esc(f.reason)}</td></tr>`, "none recently");

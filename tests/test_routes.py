@@ -227,6 +227,14 @@ async def test_split_holds_over_10000_requests_on_two_replicas(
     assert figures["llama-arc"]["output_tokens"] == 2 * arc  # from the answers' usage
     assert figures["llama-arc"]["ttft_ms"] is not None
     assert figures["llama-arc"]["split_pct"] == 90.0
+    # The status page shows the split and the figures side by side, as aivmmctl does.
+    async with aiohttp.ClientSession() as session, session.get(
+            pair[0].url + "/v1/cluster") as r:
+        page = await r.json()
+    (shown,) = page["routes"]
+    assert {t["target"]: t["requests"] for t in shown["targets"]}["llama-arc"] == arc
+    status = await route_cmd(etcd_server.url, prefix, "status")
+    assert "ROUTES (1)" in status and "llama-h200" in status
     print(f"10,000 requests over two replicas in {took:.1f}s: arc {arc}, h200 {h200}")
 
 
