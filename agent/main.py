@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 from agent.app import build_app
 from agent.config import AgentConfig
@@ -63,8 +64,19 @@ def main(argv: list[str] | None = None) -> None:
         # The same file, environment and flags as at start; raises ConfigError, no exit.
         return load_config(AgentConfig, args)
 
-    code = asyncio.run(drain(config) if args.drain else run(config, reload))
+    code = _run(drain(config) if args.drain else run(config, reload))
     raise SystemExit(code)
+
+
+def _run(main: Coroutine[Any, Any, int]) -> int:
+    """Run ``main`` on uvloop where it is installed (a faster loop for the proxy hop), else
+    on asyncio's own loop."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(main)
 
 
 if __name__ == "__main__":
