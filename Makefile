@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo demo-autoscale down test lint unit sim-image images services clean install uninstall dist \
+.PHONY: demo demo-autoscale demo-routes down test lint unit sim-image images services clean install uninstall dist \
 	constraints
 
 $(STAMP): pyproject.toml
@@ -38,6 +38,10 @@ demo: $(STAMP) services
 # Scale from zero and back to zero (docs/autoscaling.md); starts the demo first if needed.
 demo-autoscale: $(STAMP) services
 	$(PY) -m devtools.demo autoscale
+
+# A route split 90/10 over two deployments, one on each demo node (docs/routes.md).
+demo-routes: $(STAMP) services
+	$(PY) -m devtools.demo routes
 
 down: $(STAMP)
 	$(PY) -m devtools.demo down

@@ -18,6 +18,13 @@ replica, autoscaled ``--min 0 --max 2 --target 4 --idle 10``, whose sim engine t
 ``COLD_STARTUP_S`` seconds to start; sends one streamed request, which waits while the placer
 starts a replica and is answered once the engine is up (the time to the first token is
 printed); then waits for the idle replica to be drained and removed, and undeploys.
+
+``routes`` (``make demo-routes``; it runs ``up`` first when no demo cluster answers) shows a
+route (docs/routes.md): two sim deployments of ``demo-model``, ``demo-radeon`` pinned to
+``demo-a`` and ``demo-arc`` to ``demo-b``, then ``aivmmctl route chat --to demo-radeon=90
+--to demo-arc=10 --fallback demo`` with a guard; 400 requests for model ``chat`` and the
+split they took (``x-aivmm-route``), then ``aivmmctl routes``. The route and both
+deployments stay.
 """
 
 from __future__ import annotations
@@ -421,6 +428,65 @@ def autoscale() -> None:
     ctl(etcd, "undeploy", COLD_DEPLOYMENT)
 
 
+ROUTE = "chat"
+# The route's two targets: one sim deployment pinned to each demo node (no GPU: they share
+# the nodes with the demo deployment), and the demo deployment as the fallback.
+ROUTE_TARGETS = {"demo-radeon": ("demo-a", 90), "demo-arc": ("demo-b", 10)}
+
+
+def routes() -> None:
+    """``make demo-routes``: a route split 90/10 over two deployments, one per demo node."""
+    if not scheduler_sees(0):
+        up()
+    etcd = f"http://127.0.0.1:{ETCD_PORT}"
+    from ctl.main import fetch
+
+    for name, (node, _) in ROUTE_TARGETS.items():
+        ctl(etcd, "deploy", name, "--model", MODEL, "--engine", "sim", "--gpus", "0",
+            "--node", node)
+
+    def both_ready() -> bool:
+        view = asyncio.run(fetch([etcd], PREFIX, 3.0))
+        ready = {v["name"]: v["ready"] for v in view["deployments"]}
+        return all(ready.get(name) == 1 for name in ROUTE_TARGETS)
+    wait_until(both_ready, 120, "both route targets to be ready", interval=0.5)
+    ctl(etcd, "route", ROUTE, *[a for name, (_, w) in ROUTE_TARGETS.items()
+                                for a in ("--to", f"{name}={w}")],
+        "--fallback", DEPLOYMENT, "--guard-error-rate", "0.5", "--guard-min-requests", "20")
+
+    def listed() -> bool:
+        import urllib.request
+        with urllib.request.urlopen(f"http://{SCHEDULER}/v1/models", timeout=2) as resp:
+            return ROUTE in {m["id"] for m in orjson.loads(resp.read())["data"]}
+    wait_until(listed, 30, f"the scheduler to list the route {ROUTE}")
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"http://{SCHEDULER}/v1", api_key="demo", max_retries=0)
+
+    def ask(_: int) -> str:
+        raw = client.chat.completions.with_raw_response.create(
+            model=ROUTE, messages=[{"role": "user", "content": "ping"}], max_tokens=8)
+        raw.parse()
+        return raw.headers.get("x-aivmm-route") or "?"
+
+    n = 400
+    with ThreadPoolExecutor(8) as pool:
+        tally = Counter(pool.map(ask, range(n)))
+    say(f"{n} requests for model {ROUTE!r}, by target: " + ", ".join(
+        f"{k} {v} ({100 * v / n:.1f}%)" for k, v in sorted(tally.items())))
+    say("the schedulers publish their figures every 5 s; aivmmctl sums them:")
+    time.sleep(6)
+    ctl(etcd, "routes")
+    ctl_cmd = f".venv/bin/aivmmctl --etcd {etcd}"
+    print(f"""
+The route stays. Try:
+  {ctl_cmd} route {ROUTE} --to demo-radeon=50 --to demo-arc=50    another split
+  {ctl_cmd} routes --json        the figures per target, for an A/B comparison
+  http://{SCHEDULER}/            the status page's Routes table
+  {ctl_cmd} unroute {ROUTE}; {ctl_cmd} undeploy demo-radeon; {ctl_cmd} undeploy demo-arc
+""")
+
+
 def write_scheduler_config() -> Path:
     path = RUN / "scheduler.toml"
     path.write_text("# The demo's scheduler: defaults, no API keys.\n")
@@ -485,9 +551,9 @@ def down() -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="demo")
-    parser.add_argument("verb", choices=["up", "down", "autoscale"])
+    parser.add_argument("verb", choices=["up", "down", "autoscale", "routes"])
     args = parser.parse_args()
-    {"up": up, "down": down, "autoscale": autoscale}[args.verb]()
+    {"up": up, "down": down, "autoscale": autoscale, "routes": routes}[args.verb]()
 
 
 if __name__ == "__main__":
