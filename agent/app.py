@@ -33,6 +33,8 @@ from agent.docker.client import DockerAdapter
 from agent.drain import follow_drain
 from agent.health.heartbeat import Heartbeat
 from agent.metrics import AgentMetrics
+from agent.models.lock import ModelLocks
+from agent.models.manager import ModelManager
 from agent.supervisor import Supervisor
 from common import metrics as common_metrics
 from common.audit import AuditWriter
@@ -106,7 +108,8 @@ def build_app(config: AgentConfig, *, inventory: Inventory | None = None,
     ``reload`` re-reads the config on SIGHUP (agent.main passes the one it loaded with).
     """
     app = web.Application()
-    init_daemon(app, DaemonSpec(etcd=list(config.etcd), status=status_line))
+    init_daemon(app, DaemonSpec(etcd=list(config.etcd), status=status_line,
+                                security=config.etcd_security()))
     app[CONFIG] = config
     app[STARTED_AT] = time.time()
     app[GPUS] = GpuView()
@@ -158,6 +161,10 @@ async def supervisor_ctx(app: web.Application) -> AsyncIterator[None]:
                      gpus=lambda: (view.gpus, view.offerable))
     app[SUPERVISOR] = sup
     view.on_change = sup.wake
+    # Models are fetched under a download lock that needs the heartbeat's lease (set there).
+    models = sup.models = ModelManager(app[CONFIG], app[METRICS], require_lock=True)
+    models.on_change = sup.models_changed
+    models.on_done = sup.wake
     await recover(app, sup)
     guard = app[GUARD]
     guard.spawn("supervisor", sup.run())
@@ -165,6 +172,7 @@ async def supervisor_ctx(app: web.Application) -> AsyncIterator[None]:
     guard.spawn("probes", sup.probe_loop())
     yield
     await guard.cancel("supervisor", "docker-events", "probes")
+    await models.close()
 
 
 async def recover(app: web.Application, sup: Supervisor) -> None:
@@ -209,13 +217,28 @@ async def heartbeat_ctx(app: web.Application) -> AsyncIterator[None]:
     sup.on_audit = trail.add
     app[GUARD].spawn("audit-writer", trail.run())
     app[GUARD].spawn("heartbeat", beat.run())
+    models = sup.models
+    if models is not None:
+        models.locks = ModelLocks(store, keys, config.node_name, lambda: beat.lease)
+        models.on_audit = trail.add
+        app[GUARD].spawn("models-record", models.publish_loop(
+            store, keys, lambda: beat.lease, lambda: models_in_use(sup)))
     app[GUARD].spawn("drain-watch", follow_drain(store, keys, config.node_name, sup.set_drained))
     app[GUARD].spawn("assignment-watch", follow_assignments(
         store, keys, config.node_name, sup.set_assignments,
         on_bad_record=lambda key, why: bad_assignment(app, key, why)))
     yield
-    await app[GUARD].cancel("assignment-watch", "drain-watch", "heartbeat", "audit-writer")
+    await app[GUARD].cancel("assignment-watch", "drain-watch", "models-record", "heartbeat",
+                            "audit-writer")
     sup.on_audit = None
+
+
+def models_in_use(sup: Supervisor) -> dict[str, list[str]]:
+    """This node's backends by model (a model in use is not removed)."""
+    out: dict[str, list[str]] = {}
+    for name, s in sup.status.items():
+        out.setdefault(s.config.model, []).append(name)
+    return out
 
 
 def bad_assignment(app: web.Application, key: str, why: str) -> None:

@@ -121,8 +121,25 @@ class AgentConfig(DaemonConfig):
     # Ports the agent gives to deployment replicas (pinned backends keep their own ports).
     assignment_ports: str = setting("20000-20999", check=_port_range)
     backend: list[BackendConfig] = setting([])
+    # Fetching models into models_dir before an engine starts (docs/models.md).
+    fetch_models: bool = setting(True)
+    # The hub (or a mirror); unset: HF_ENDPOINT, else https://huggingface.co.
+    hf_endpoint: str | None = setting(
+        None, check=lambda v: None if v.startswith(("http://", "https://"))
+        else "an http:// or https:// URL")
+    # A file holding the hub token; unset: HF_TOKEN from the environment. Never logged.
+    hf_token_file: str | None = setting(None)
+    # Files fetched at once, over all models; and the bandwidth bound (bytes/s, 0: none).
+    download_concurrency: int = setting(
+        4, check=lambda v: None if 1 <= v <= 64 else "an integer from 1 to 64")
+    download_max_bytes_per_s: int = setting(
+        0, check=lambda v: None if v >= 0 else "bytes per second >= 0 (0: no bound)")
+    # Free space a download must leave on models_dir's filesystem, in bytes.
+    download_free_margin: int = setting(
+        5 * 2**30, check=lambda v: None if v >= 0 else "bytes >= 0")
 
     def __post_init__(self) -> None:
+        DaemonConfig.__post_init__(self)  # the etcd_* checks
         if self.heartbeat_interval * 2 > self.lease_ttl:
             raise ValueError("heartbeat_interval: a number at most lease_ttl / 2")
         names = [b.name for b in self.backend]

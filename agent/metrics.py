@@ -47,6 +47,16 @@ class AgentMetrics:
         self.bad_records = Counter("aivmm_agent_bad_records_total",
                                    "etcd records (assignments) skipped as unusable", ("node",),
                                    registry=registry)
+        # Fetching models into models_dir (docs/models.md).
+        self.model_bytes = Counter("aivmm_model_download_bytes_total",
+                                   "Bytes of model files fetched from the hub", ("node",),
+                                   registry=registry)
+        self.model_failures = Counter("aivmm_model_download_failures_total",
+                                      "Model fetches that failed, by reason (hub, corrupt, "
+                                      "disk, refused)", ("node", "reason"), registry=registry)
+        self.model_downloads = Counter("aivmm_model_downloads_total",
+                                       "Models fetched whole and verified", ("node",),
+                                       registry=registry)
         self._gpu_labels: set[tuple[str, str, str]] = set()
         self._backend_labels: set[tuple[str, str, str]] = set()
 

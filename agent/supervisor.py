@@ -35,6 +35,7 @@ from agent.docker.spec import ContainerSpec, backend_url, build_spec, quota_prob
 from agent.engines import EngineError, share_args
 from agent.health.probe import Ewma, Prober, ProbeResult
 from agent.metrics import AgentMetrics
+from agent.models.manager import ModelManager
 from agent.placement import Placement, PlacementError, place
 from common import audit
 from common.backoff import Backoff
@@ -194,6 +195,9 @@ class Supervisor:
         # etcd, short enough that an etcd outage at start does not keep backends down.
         self.drain_wait = 3.0
         self._retry_at = 0.0  # when to retry an action Docker refused outside any backend
+        # Prepares models in models_dir before their engines start (docs/models.md); None:
+        # the engines find their weights there as they are.
+        self.models: ModelManager | None = None
 
     # -- what the heartbeat and /v1/state read -------------------------------------------------
 
@@ -210,6 +214,8 @@ class Supervisor:
         # A replica the placer is scaling away serves what it has and is routed nothing new.
         state: State = "draining" if a is not None and a.draining and s.state == "ready" \
             else s.state
+        fetch = self.models.progress(s.config.model) \
+            if state == "downloading" and self.models is not None else None
         return BackendRecord(
             node=self.node, name=s.config.name, models=[s.config.model],
             url=spec.url if spec else backend_url(self.config.advertise_host, s.config.port),
@@ -220,7 +226,11 @@ class Supervisor:
             load=s.load,
             updated_at=s.updated_at, error=s.error, restarts=s.restarts,
             api_path=spec.api_path if spec else "/v1",
-            deployment=a.deployment if a is not None else None)
+            deployment=a.deployment if a is not None else None,
+            bytes_done=fetch.done if fetch is not None else None,
+            bytes_total=fetch.total if fetch is not None else None,
+            download_rate=None if fetch is None or fetch.rate is None
+            else round(fetch.rate, 1))
 
     def _set(self, s: BackendStatus, state: State, error: str | None) -> None:
         if (s.state, s.error) == (state, error):
@@ -503,11 +513,44 @@ class Supervisor:
         # Create or Recreate
         if now < s.not_before:
             return
+        if not self._model_ready(s):
+            return
         if isinstance(action, Recreate):
             log.info("config changed: recreating", extra={"backend": action.backend})
             await self.docker.remove(action.old.id)
             s.container_id = None
         await self._create(s, action.spec)
+
+    def _model_ready(self, s: BackendStatus) -> bool:
+        """Whether the backend's model is in models_dir; while it is being fetched the
+        backend is "downloading", and a fetch that failed (no disk, no such repository)
+        stops it with the reason, retried with its backoff."""
+        if self.models is None:
+            return True
+        prep = self.models.status(s.config.model)
+        if prep.state == "ready":
+            return True
+        if prep.state == "failed":
+            self._failed(s, prep.error or "the model could not be fetched")
+        elif prep.state == "checking":
+            self._set(s, "starting", prep.error)
+        else:
+            self._set(s, "downloading", prep.error)
+        return False
+
+    def models_changed(self) -> None:
+        """A model's preparation moved on: backends waiting for it say so in their record."""
+        if self.models is not None:
+            for s in self.status.values():
+                prep = self.models.progress(s.config.model)
+                if prep is None or s.container_id is not None or \
+                        s.state not in ("starting", "downloading"):
+                    continue
+                if prep.state == "downloading":
+                    self._set(s, "downloading", prep.error)
+                elif prep.state == "checking":
+                    self._set(s, "starting", prep.error)
+        self._changed()
 
     async def _start(self, s: BackendStatus, container_id: str, crash: str | None = None
                      ) -> None:
@@ -537,6 +580,8 @@ class Supervisor:
             self._failed(s, str(err))
             return
         log.info("created container", extra={"backend": s.config.name, "container": cid[:12]})
+        if self.models is not None:
+            self.models.used(s.config.model)
         s.probe_fails = 0
         s.latency.reset()
         s.updated_at = time.time()

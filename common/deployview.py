@@ -102,6 +102,7 @@ def _replica(a: AssignmentRecord, backend: BackendRecord | None) -> dict[str, An
         "state": None if backend is None else backend.state,
         "error": None if backend is None else backend.error,
         "generation": a.generation,
+        **download_fields(backend),
     }
 
 
@@ -111,6 +112,7 @@ def _leftover(b: BackendRecord) -> dict[str, Any]:
         "replica": None, "node": b.node, "backend": b.name, "assigned": False,
         "engine": b.engine, "vendor": b.vendor, "gpus": [], "memory_bytes": None,
         "memory_gib": None, "state": b.state, "error": b.error, "generation": None,
+        **download_fields(b),
     }
 
 
@@ -160,6 +162,46 @@ def deployment_views(records: DeploymentRecords,
             "replicas": replicas,
         })
     return views
+
+
+def download_fields(b: BackendRecord | None) -> dict[str, Any]:
+    """A downloading replica's progress (docs/models.md): bytes, rate, ETA in seconds."""
+    if b is None or b.state != "downloading":
+        return {"bytes_done": None, "bytes_total": None, "download_rate": None,
+                "eta_s": None}
+    return {"bytes_done": b.bytes_done, "bytes_total": b.bytes_total,
+            "download_rate": b.download_rate,
+            "eta_s": eta_s(b.bytes_done, b.bytes_total, b.download_rate)}
+
+
+def eta_s(done: int | None, total: int | None, rate: float | None) -> float | None:
+    if done is None or total is None or not rate or rate <= 0:
+        return None
+    return round(max(0, total - done) / rate, 1)
+
+
+def _bytes(n: float) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n:.0f} B"
+
+
+def _duration(s: float) -> str:
+    s = int(s)
+    if s >= 3600:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
+def download_text(done: int | None, total: int | None, rate: float | None) -> str:
+    """``downloading 42% of 140.0 GiB, 310.2 MiB/s, ETA 4m10s`` (what aivmmctl shows)."""
+    if total is None:
+        return "downloading"
+    part = f"{100 * (done or 0) / total:.0f}% of {_bytes(total)}" if total else "0 B"
+    rate_text = f", {_bytes(rate)}/s" if rate else ""
+    eta = eta_s(done, total, rate)
+    return f"downloading {part}{rate_text}" + ("" if eta is None else f", ETA {_duration(eta)}")
 
 
 def pending_text(view: dict[str, Any]) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from urllib.parse import quote, unquote
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +92,30 @@ class Keys:
         """The election key: present, under its holder's lease, while a placer leads."""
         return f"{self.prefix}/placer/leader"
 
+    # -- models (docs/models.md) -------------------------------------------------------------
+
+    @property
+    def models(self) -> str:
+        """Prefix of the nodes' models records (what each models_dir holds, leased)."""
+        return f"{self.prefix}/models/"
+
+    def models_of(self, node: str) -> str:
+        return f"{self.prefix}/models/{node}"
+
+    def model_lock(self, storage: str, model: str) -> str:
+        """The download lock of ``model`` on one models_dir (shared ones: one per cluster)."""
+        return f"{self.prefix}/model-locks/{storage}/{escape_model(model)}"
+
+    @property
+    def model_removals(self) -> str:
+        return f"{self.prefix}/model-rm/"
+
+    def node_model_removals(self, node: str) -> str:
+        return f"{self.prefix}/model-rm/{node}/"
+
+    def model_removal(self, node: str, model: str) -> str:
+        return f"{self.prefix}/model-rm/{node}/{escape_model(model)}"
+
     # -- routes (docs/routes.md) ------------------------------------------------------------
 
     @property
@@ -108,6 +133,35 @@ class Keys:
 
     def route_stats_of(self, replica: str) -> str:
         return f"{self.prefix}/route-stats/{replica}"
+
+    # -- API keys (docs/keys.md) ---------------------------------------------------------------
+
+    @property
+    def api_keys(self) -> str:
+        """Prefix of every client API key record (written by aivmmctl keys)."""
+        return f"{self.prefix}/keys/"
+
+    def api_key(self, name: str) -> str:
+        return f"{self.prefix}/keys/{name}"
+
+    @property
+    def schedulers(self) -> str:
+        """Prefix of the live scheduler replicas' presence records (leased)."""
+        return f"{self.prefix}/schedulers/"
+
+    def scheduler(self, replica: str) -> str:
+        return f"{self.prefix}/schedulers/{replica}"
+
+    @property
+    def key_usage(self) -> str:
+        """Prefix of the per-key usage records, ``{bucket:010d}/{replica}``."""
+        return f"{self.prefix}/key-usage/"
+
+    def key_usage_bucket(self, bucket: int) -> str:
+        return f"{self.prefix}/key-usage/{bucket:010d}/"
+
+    def key_usage_of(self, bucket: int, replica: str) -> str:
+        return f"{self.prefix}/key-usage/{bucket:010d}/{replica}"
 
     # -- audit trail (docs/operations.md: Audit trail) -----------------------------------------
 
@@ -127,6 +181,15 @@ class Keys:
                 or not stamp.isdigit():
             return None
         return int(stamp)
+
+
+def escape_model(model: str) -> str:
+    """A model id as one key part: ``org/name`` is ``org%2Fname``."""
+    return quote(model, safe="")
+
+
+def unescape_model(part: str) -> str:
+    return unquote(part)
 
 
 def _split_two(key: str, prefix: str) -> tuple[str, str] | None:

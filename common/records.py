@@ -25,7 +25,9 @@ from common.typedesc import describe
 SCHEMA = 1
 Vendor = Literal["nvidia", "amd", "intel"]
 # "draining": a replica being scaled away; it takes no new requests, in-flight ones finish.
-State = Literal["starting", "ready", "unhealthy", "stopped", "draining"]
+# "downloading": the agent fetches the model's weights before it starts the engine
+# (docs/models.md); ``bytes_done``/``bytes_total``/``download_rate`` say how far it is.
+State = Literal["starting", "ready", "unhealthy", "stopped", "draining", "downloading"]
 Policy = Literal["spread", "binpack", "cost"]
 AuditSource = Literal["aivmmctl", "placer", "agent", "scheduler"]
 VENDORS: tuple[Vendor, ...] = typing.get_args(Vendor)
@@ -115,6 +117,51 @@ class BackendRecord:
     api_path: str = "/v1"
     # The deployment this backend is a replica of; None for a backend pinned in agent.toml.
     deployment: str | None = None
+    # While "downloading" (docs/models.md): bytes of the model on disk, of the whole model,
+    # and the recent rate in bytes/s; None otherwise.
+    bytes_done: int | None = None
+    bytes_total: int | None = None
+    download_rate: float | None = None
+    schema: int = SCHEMA
+
+
+@dataclass(slots=True)
+class ModelCopy:
+    """One model in a node's models_dir (docs/models.md)."""
+
+    model: str
+    size_bytes: int = 0
+    # "complete" (fetched and verified), "partial" (a download not finished), "local" (put
+    # there by hand, not fetched by the agent).
+    state: str = "complete"
+    revision: str | None = None
+    last_used: float | None = None  # when an engine was last started with it here
+    in_use: list[str] = field(default_factory=list)  # this node's backends serving it
+
+
+@dataclass(slots=True)
+class ModelsRecord:
+    """``{prefix}/models/{node}``: what the node's models_dir holds, under its lease."""
+
+    node: str
+    # The models_dir's identity: nodes sharing one (NFS, Ceph) show the same storage id.
+    storage: str
+    models_dir: str
+    free_bytes: int | None = None
+    models: list[ModelCopy] = field(default_factory=list)
+    updated_at: float = 0.0
+    schema: int = SCHEMA
+
+
+@dataclass(slots=True)
+class ModelRemoval:
+    """``{prefix}/model-rm/{node}/{model, escaped}``: an operator asks that node's agent to
+    delete a model it does not use (``aivmmctl models rm``); the agent deletes the key."""
+
+    node: str
+    model: str
+    requested_at: float
+    actor: str = ""
     schema: int = SCHEMA
 
 
@@ -443,6 +490,81 @@ class RouteStats:
     schema: int = SCHEMA
 
 
+@dataclass(slots=True)
+class KeyRecord:
+    """``{prefix}/keys/{name}``: one client API key (docs/keys.md), written by aivmmctl.
+
+    Only the key's SHA-256 is stored, never the key. ``None`` limits are no limit; ``models``
+    empty is every model. A revoked key stays (for the trail) and is refused.
+    """
+
+    name: str
+    hash: str  # "sha256:" + 64 hex digits of the key
+    prefix: str  # the key's first characters, to recognise it in listings
+    models: list[str] = field(default_factory=list)
+    rpm: int | None = None
+    tpm: int | None = None
+    max_parallel: int | None = None
+    expires_at: float | None = None
+    created_at: float = 0.0
+    updated_at: float = 0.0
+    revoked: bool = False
+    # May read per-key usage in /v1/cluster (the status page).
+    operator: bool = False
+    schema: int = SCHEMA
+
+
+def key_problem(k: KeyRecord) -> str | None:
+    """Why a key record cannot be used (flag names are aivmmctl's), or None."""
+    if not NAME.match(k.name):
+        return "field 'name': expected a name of letters, digits, '.', '_' or '-' (max 63)"
+    hexpart = k.hash.removeprefix("sha256:")
+    if not k.hash.startswith("sha256:") or len(hexpart) != 64 or \
+            any(c not in "0123456789abcdef" for c in hexpart):
+        return "field 'hash': expected 'sha256:' and 64 lower-case hex digits"
+    for name in ("rpm", "tpm", "max_parallel"):
+        value = getattr(k, name)
+        if value is not None and value < 1:
+            return f"field '{name}': expected an integer >= 1 or null"
+    return None
+
+
+@dataclass(slots=True)
+class SchedulerPresence:
+    """``{prefix}/schedulers/{replica}``: a live scheduler replica, under its own lease;
+    replicas count each other from these to take their share of a key's limits."""
+
+    replica: str
+    listen: str = ""
+    started_at: float = 0.0
+    schema: int = SCHEMA
+
+
+@dataclass(slots=True)
+class KeyCounts:
+    """One key's counts at one scheduler replica over one usage bucket."""
+
+    name: str
+    requests: int = 0
+    errors: int = 0
+    rate_limited: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass(slots=True)
+class KeyUsage:
+    """``{prefix}/key-usage/{bucket}/{replica}``: what one scheduler replica counted per key
+    in the hour starting at ``bucket`` (Unix seconds); no lease, rewritten every few
+    seconds while it changes (aivmmctl usage sums them)."""
+
+    replica: str
+    bucket: int
+    updated_at: float = 0.0
+    keys: list[KeyCounts] = field(default_factory=list)
+    schema: int = SCHEMA
+
+
 # -- reading -----------------------------------------------------------------------------------
 # The checks are derived from each record's type hints, so a record is declared once: a field
 # added to a dataclass is read back by every reader without a second table to keep in step.
@@ -547,6 +669,16 @@ def parse_backend(raw: bytes | str) -> BackendRecord:
     return parse(raw, BackendRecord)
 
 
+def parse_models(raw: bytes | str) -> ModelsRecord:
+    """Read a node's models record; raises RecordError with the reason when it is unusable."""
+    return parse(raw, ModelsRecord)
+
+
+def parse_model_removal(raw: bytes | str) -> ModelRemoval:
+    """Read a model removal request; raises RecordError when it is unusable."""
+    return parse(raw, ModelRemoval)
+
+
 def parse_drain(raw: bytes | str) -> DrainRecord:
     """Read a drain request; raises RecordError with the reason when it is unusable."""
     return parse(raw, DrainRecord)
@@ -598,6 +730,15 @@ def parse_route(raw: bytes | str) -> RouteRecord:
 def parse_route_stats(raw: bytes | str) -> RouteStats:
     """Read a scheduler replica's route figures; raises RecordError when unusable."""
     return parse(raw, RouteStats)
+
+
+def parse_key(raw: bytes | str) -> KeyRecord:
+    """Read an API key record; raises RecordError with the reason when it is unusable."""
+    record = parse(raw, KeyRecord)
+    problem = key_problem(record)
+    if problem:
+        raise RecordError(problem)
+    return record
 
 
 def dump(record: Any) -> bytes:

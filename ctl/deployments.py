@@ -22,6 +22,7 @@ from common import audit
 from common.deployview import (
     DeploymentRecords,
     deployment_views,
+    download_text,
     gpus_text,
     parse_backends,
     pending_text,
@@ -415,7 +416,7 @@ def render_deployments(views: list[dict[str, Any]], skipped: int, table: Table) 
           str(v["placed"]), str(v["ready"]), pending_text(v)] for v in views])]
     rows = [[v["name"], "-" if r["replica"] is None else str(r["replica"]), r["node"],
              gpus_text(r), r["backend"],
-             (r["state"] or "assigned") if r["assigned"] else f"{r['state']} (removing)",
+             _state_text(r) if r["assigned"] else f"{r['state']} (removing)",
              r["error"] or ""]
             for v in views for r in v["replicas"]]
     out += ["", f"REPLICAS ({len(rows)})",
@@ -423,6 +424,13 @@ def render_deployments(views: list[dict[str, Any]], skipped: int, table: Table) 
     if skipped:
         out += ["", f"warning: {skipped} record(s) could not be parsed and were skipped"]
     return "\n".join(out)
+
+
+def _state_text(replica: dict[str, Any]) -> str:
+    if replica["state"] == "downloading":
+        return download_text(replica.get("bytes_done"), replica.get("bytes_total"),
+                             replica.get("download_rate"))
+    return str(replica["state"] or "assigned")
 
 
 async def run(args: argparse.Namespace, endpoints: list[str], table: Table) -> int:

@@ -14,7 +14,7 @@ import orjson
 
 from common import audit
 from common.cli import VersionAction
-from common.deployview import deployment_views, parse_backends, read_records
+from common.deployview import deployment_views, download_text, parse_backends, read_records
 from common.endpoints import etcd_target
 from common.keys import Keys
 from common.records import (
@@ -29,7 +29,7 @@ from common.records import (
 )
 from common.routeview import backend_costs, read_routes, route_views
 from common.store import Compare, EtcdStore, StoreUnavailable
-from ctl import deployments, routes
+from ctl import deployments, models, routes
 
 EXIT_UNREACHABLE = 1
 EXIT_USAGE = 2
@@ -125,7 +125,9 @@ def render_backends(backends: list[BackendRecord]) -> str:
         load = "-"
         if b.load is not None:
             load = f"run {_num(b.load.running)} wait {_num(b.load.waiting)}"
-        rows.append([f"{b.node}/{b.name}", ",".join(b.models), b.state, b.engine,
+        state = download_text(b.bytes_done, b.bytes_total, b.download_rate) \
+            if b.state == "downloading" else b.state
+        rows.append([f"{b.node}/{b.name}", ",".join(b.models), state, b.engine,
                      _num(b.probe_latency_ms, "{:.1f}ms"), load, b.url, b.error or ""])
     return table(["BACKEND", "MODELS", "STATE", "ENGINE", "LATENCY", "LOAD", "URL", "ERROR"],
                  rows)
@@ -250,6 +252,7 @@ def parser() -> argparse.ArgumentParser:
     targets.add_argument("--output", "-o", help="file to write (atomically); default stdout")
     deployments.add_parsers(verbs)
     routes.add_parsers(verbs)
+    models.add_parsers(verbs)
     trail = verbs.add_parser("audit", help="who changed what and when (the audit trail)")
     trail.add_argument("--since", metavar="AGE|DATE",
                        help="only entries since then: 30m, 1h, 2d, 1w or an ISO date")
@@ -280,6 +283,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(deployments.run(args, endpoints, table))
         if args.verb in routes.VERBS:
             return asyncio.run(routes.run(args, endpoints, table))
+        if args.verb in models.VERBS:
+            return asyncio.run(models.run(args, endpoints, table))
         if args.verb == "audit":
             return show_audit(args, endpoints)
         if args.verb in ("drain", "undrain"):

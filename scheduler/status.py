@@ -277,7 +277,15 @@ function replica(r) {
   const gpus = (r.gpus.join(",") || "-")
     + (r.memory_gib == null ? "" : ` (${Number(r.memory_gib).toFixed(1)} GiB)`);
   const state = r.assigned ? (r.state || "assigned") : "removing";
-  return `<div>${esc(r.node)} · GPU ${esc(gpus)} ${pill(state)}</div>`;
+  return `<div>${esc(r.node)} · GPU ${esc(gpus)} ${pill(state)}${download(r)}</div>`;
+}
+// A replica whose agent fetches its model (docs/models.md): percent, rate and ETA.
+function download(r) {
+  if (r.state !== "downloading" || r.bytes_total == null) return "";
+  const pct = r.bytes_total ? 100 * (r.bytes_done || 0) / r.bytes_total : 0;
+  const rate = r.download_rate ? ` · ${(r.download_rate / 2 ** 20).toFixed(1)} MiB/s` : "";
+  const eta = r.eta_s == null ? "" : ` · ETA ${Math.round(r.eta_s)}s`;
+  return ` <span class="dim">${pct.toFixed(0)}% of ${gib(r.bytes_total)} GiB${rate}${eta}</span>`;
 }
 function render(c) {
   const ready = c.backends.filter((b) => b.state === "ready").length;

@@ -168,6 +168,12 @@ def _placement_view(record: Any) -> Any:
 class _Unready:
     since: float
     restarts: int = 0  # the backend's restart count when it stopped being ready
+    # While the agent fetches the model (state "downloading", docs/models.md): since when,
+    # the bytes last seen and when they last grew.
+    downloading: bool = False
+    download_since: float = 0.0
+    progress: int = 0
+    progress_at: float = 0.0
 
 
 class StartFailures:
@@ -178,11 +184,19 @@ class StartFailures:
     ``max_restarts`` times without becoming ready is moved: its node is avoided for that
     deployment for ``avoid_base`` seconds, doubling at each new failure there up to
     ``avoid_max``. Healthy replicas are never moved by this.
+
+    A replica whose agent is fetching the model ("downloading") is not timed by
+    ``replace_after`` from its assignment: it is moved only when its ``bytes_done`` has not
+    grown for ``replace_after`` seconds (a stalled or failing download) or it has been
+    downloading for ``download_limit`` seconds; once the download ends, the engine's start
+    is timed from then.
     """
 
     def __init__(self, *, replace_after: float, max_restarts: int = 3,
-                 avoid_base: float = 60.0, avoid_max: float = 900.0) -> None:
+                 avoid_base: float = 60.0, avoid_max: float = 900.0,
+                 download_limit: float = 6 * 3600.0) -> None:
         self.replace_after = replace_after
+        self.download_limit = download_limit
         self.max_restarts = max_restarts
         self.avoid_base = avoid_base
         self.avoid_max = avoid_max
@@ -208,12 +222,25 @@ class StartFailures:
             restarts = backend.restarts if backend is not None else 0
             track = self._unready.setdefault(key, _Unready(since=max(now, 0.0),
                                                            restarts=restarts))
-            started = max(track.since, a.assigned_at)
-            # Restarts since it stopped being ready: a lifetime total would move a replica
-            # the first time it blinks after weeks of occasional crashes.
-            recent = restarts - track.restarts
-            if now - started < self.replace_after and recent < self.max_restarts:
-                continue
+            if backend is not None and backend.state == "downloading":
+                done = backend.bytes_done or 0
+                if not track.downloading:
+                    track.downloading, track.download_since = True, now
+                    track.progress, track.progress_at = done, now
+                elif done > track.progress:
+                    track.progress, track.progress_at = done, now
+                if now - track.progress_at < self.replace_after and \
+                        now - track.download_since < self.download_limit:
+                    continue
+            else:
+                if track.downloading:  # fetched: the engine's start is timed from now
+                    track.downloading, track.since = False, now
+                started = max(track.since, a.assigned_at)
+                # Restarts since it stopped being ready: a lifetime total would move a
+                # replica the first time it blinks after weeks of occasional crashes.
+                recent = restarts - track.restarts
+                if now - started < self.replace_after and recent < self.max_restarts:
+                    continue
             pair = (a.deployment, a.node)
             strikes = self._strikes.get(pair, 0)
             self._strikes[pair] = strikes + 1
@@ -240,7 +267,9 @@ class StartFailures:
     def next_deadline(self, now: float) -> float | None:
         """When the next decision may change with no event: an avoid ending, a timer."""
         times = [until for until in self._avoid.values() if until > now]
-        times += [t.since + self.replace_after for t in self._unready.values()]
+        times += [min(t.progress_at + self.replace_after,
+                      t.download_since + self.download_limit) if t.downloading
+                  else t.since + self.replace_after for t in self._unready.values()]
         return min(times) if times else None
 
 
