@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo demo-autoscale demo-routes down test lint unit sim-image images services clean install uninstall dist \
+.PHONY: demo demo-autoscale demo-models demo-routes down test lint unit sim-image images services clean install uninstall dist \
 	constraints
 
 $(STAMP): pyproject.toml
@@ -42,6 +42,10 @@ demo-autoscale: $(STAMP) services
 # A route split 90/10 over two deployments, one on each demo node (docs/routes.md).
 demo-routes: $(STAMP) services
 	$(PY) -m devtools.demo routes
+
+# A model fetched from a local hub mirror, with its progress (docs/models.md).
+demo-models: $(STAMP) services
+	$(PY) -m devtools.demo models
 
 down: $(STAMP)
 	$(PY) -m devtools.demo down

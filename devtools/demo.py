@@ -185,6 +185,9 @@ docker_host = "{docker_host}"
 models_dir = "{models}"
 sysfs_root = "{sysfs}"
 assignment_ports = "{ports}"  # each agent on this host its own range
+# Models with hub ids come from the local mirror of `make demo-models` (docs/models.md).
+hf_endpoint = "http://{MIRROR}"
+download_free_margin = 0
 
 [labels]
 rack = "{rack}"
@@ -428,6 +431,67 @@ def autoscale() -> None:
     ctl(etcd, "undeploy", COLD_DEPLOYMENT)
 
 
+MIRROR = "127.0.0.1:8990"
+FETCHED_DEPLOYMENT, FETCHED_MODEL = "fetched", "demo/tiny-model"
+
+
+def fetched_replica(etcd: str) -> dict[str, Any] | None:
+    done = subprocess.run([sys.executable, "-m", "ctl.main", "--etcd", etcd, "deployments",
+                           "--json"], cwd=ROOT, check=False, timeout=30, text=True,
+                          capture_output=True)
+    try:
+        views = orjson.loads(done.stdout)["deployments"]
+    except (orjson.JSONDecodeError, KeyError):
+        return None
+    view = next((v for v in views if v["name"] == FETCHED_DEPLOYMENT), None)
+    return view["replicas"][0] if view and view["replicas"] else None
+
+
+def models() -> None:
+    """``make demo-models``: a deployment whose model the agent fetches from a local hub
+    mirror (devtools/hubmirror.py), its progress shown until the replica is ready."""
+    if not scheduler_sees(0):
+        up()
+    etcd = f"http://127.0.0.1:{ETCD_PORT}"
+    state = load_state()
+    if not alive(state.get("mirror_pid")):
+        host, port = MIRROR.split(":")
+        state["mirror_pid"] = spawn("hubmirror", [
+            "-m", "devtools.hubmirror", "--host", host, "--port", port, "--repo",
+            FETCHED_MODEL, "--size", "96MiB", "--rate", "8MiB"])
+        save_state(state)
+        say(f"local hub mirror at http://{MIRROR} serving {FETCHED_MODEL} (96 MiB of "
+            "weights, 8 MiB/s per connection)")
+    ctl(etcd, "deploy", FETCHED_DEPLOYMENT, "--model", FETCHED_MODEL, "--engine", "sim",
+        "--gpus", "0")
+    from common.deployview import download_text
+
+    deadline = time.monotonic() + 180
+    last = ""
+    while time.monotonic() < deadline:
+        r = fetched_replica(etcd)
+        state_text = "assigned" if r is None else str(r["state"])
+        if r is not None and r["state"] == "downloading":
+            state_text = download_text(r["bytes_done"], r["bytes_total"], r["download_rate"])
+        if state_text != last:
+            say(f"{FETCHED_DEPLOYMENT}-0 on {r['node'] if r else '?'}: {state_text}")
+            last = state_text
+        if r is not None and r["state"] == "ready":
+            break
+        time.sleep(1.0)
+    else:
+        raise SystemExit("[demo] the fetched model's replica was not ready within 180s")
+    ctl(etcd, "models")
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"http://{SCHEDULER}/v1", api_key="demo", max_retries=3)
+    answer = client.chat.completions.create(
+        model=FETCHED_MODEL, messages=[{"role": "user", "content": "Fetched?"}], max_tokens=8)
+    say(f"{FETCHED_MODEL} answers: {answer.choices[0].message.content!r}")
+    say(f"a second deployment of it reuses the files: 'aivmmctl models rm NODE "
+        f"{FETCHED_MODEL}' removes them once it is undeployed")
+
+
 ROUTE = "chat"
 # The route's two targets: one sim deployment pinned to each demo node (no GPU: they share
 # the nodes with the demo deployment), and the demo deployment as the fallback.
@@ -535,6 +599,7 @@ def down() -> None:
         return
     undeploy(state)
     terminate(state.get("scheduler_pid"))
+    terminate(state.get("mirror_pid"))
     for node in NODES:
         terminate(state.get(f"{node}_pid"))
     for node in NODES:
@@ -551,9 +616,10 @@ def down() -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="demo")
-    parser.add_argument("verb", choices=["up", "down", "autoscale", "routes"])
+    parser.add_argument("verb", choices=["up", "down", "autoscale", "routes", "models"])
     args = parser.parse_args()
-    {"up": up, "down": down, "autoscale": autoscale, "routes": routes}[args.verb]()
+    {"up": up, "down": down, "autoscale": autoscale, "routes": routes,
+     "models": models}[args.verb]()
 
 
 if __name__ == "__main__":

@@ -286,3 +286,34 @@ async def test_agent_fetches_with_progress_resumes_after_sigkill_and_lists_it(
     for a in fleet.agents:
         a.stop()
     assert TOKEN not in "".join(a.output() for a in fleet.agents)
+
+
+def test_placer_times_a_download_by_its_progress_not_from_the_assignment() -> None:
+    from dataclasses import replace
+
+    from scheduler.placer.service import StartFailures
+    from tests.test_placer_service import assignment, backend, fleet
+
+    f = StartFailures(replace_after=10, download_limit=1000)
+    a = assignment("d", 0, "n1", assigned_at=0)
+    down = replace(backend("n1", "d-0"), state="downloading", bytes_done=0, bytes_total=100)
+
+    def at(done: int) -> Any:
+        return fleet(a, replace(down, bytes_done=done))
+    assert f.observe(at(0), 0) == []
+    for t in range(5, 60, 5):  # progress every 5 s: never moved, long past replace_after
+        assert f.observe(at(t), t) == []
+    assert f.next_deadline(55) == 65
+    assert f.observe(at(55), 64) == []
+    [line] = f.observe(at(55), 65)  # stalled for replace_after: moved
+    assert "d-0" in line and "n1" in line
+    # Once fetched, the engine's start is timed from then, not from the assignment.
+    g = StartFailures(replace_after=10, download_limit=1000)
+    assert g.observe(at(10), 0) == [] and g.observe(at(90), 5) == []
+    starting = fleet(a, replace(down, state="starting", bytes_done=None))
+    assert g.observe(starting, 50) == [] and g.observe(starting, 59) == []
+    assert len(g.observe(starting, 60)) == 1
+    # A download that keeps going past the overall bound is moved too.
+    h = StartFailures(replace_after=10, download_limit=30)
+    assert all(h.observe(at(t), t) == [] for t in range(0, 30, 5))
+    assert len(h.observe(at(31), 30)) == 1
