@@ -35,7 +35,7 @@ async def drain(config: AgentConfig) -> int:
         await docker.close()
     keys = Keys(config.etcd_prefix)
     try:
-        async with EtcdStore(config.etcd) as store:
+        async with EtcdStore(config.etcd, security=config.etcd_security()) as store:
             await store.delete_prefix(keys.node_backends(config.node_name))
             await store.delete(keys.node(config.node_name))
     except StoreError as err:

@@ -85,7 +85,10 @@ def load_or_exit(
 ) -> T:
     """Load the daemon's config; on any error print one line and exit 2 (no traceback)."""
     try:
-        return load_config(cls, args, flags=flags, environ=environ)
+        loaded = load_config(cls, args, flags=flags, environ=environ)
+        if isinstance(loaded, config.DaemonConfig):
+            loaded.etcd_security(environ)  # the password must be there too (and readable)
+        return loaded
     except config.ConfigError as err:
         print(f"{prog}: config error: {err}", file=sys.stderr)
         raise SystemExit(EXIT_CONFIG) from None

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import ssl
 import tomllib
 import types
 import typing
@@ -20,7 +21,8 @@ from typing import Any, Literal, TypeVar
 
 import orjson
 
-from common.endpoints import etcd_target
+from common.endpoints import etcd_target, is_tls
+from common.store import EtcdSecurity
 from common.typedesc import describe
 
 T = TypeVar("T")
@@ -53,9 +55,12 @@ def _show(value: Any) -> str:
 Check = Callable[[Any], str | None]
 
 
-def setting(default: Any = _MISSING, *, check: Check | None = None, doc: str = "") -> Any:
-    """Declare a config field; ``check(value)`` returns what was expected when it fails."""
-    metadata = {"check": check, "doc": doc}
+def setting(default: Any = _MISSING, *, check: Check | None = None, doc: str = "",
+            secret: bool = False) -> Any:
+    """Declare a config field; ``check(value)`` returns what was expected when it fails.
+
+    A ``secret`` field's value is never shown in an error (keys, passwords)."""
+    metadata = {"check": check, "doc": doc, "secret": secret}
     if default is _MISSING:
         return dataclasses.field(metadata=metadata)
     if isinstance(default, list | dict):
@@ -85,12 +90,14 @@ def url_list(value: Any) -> str | None:
     if not value:
         return "at least one URL"
     for url in value:
+        if not url.startswith(("http://", "https://")):
+            return "URLs like http://HOST:PORT or https://HOST:PORT (port 1..65535)"
         try:
             etcd_target(url)
         except ValueError:
-            return "URLs like http://HOST:PORT (plain http, port 1..65535)"
-        if not url.startswith("http://"):
-            return "URLs like http://HOST:PORT (plain http, port 1..65535)"
+            return "URLs like http://HOST:PORT or https://HOST:PORT (port 1..65535)"
+    if len({is_tls(url) for url in value}) > 1:
+        return "URLs all http:// or all https://, not mixed"
     return None
 
 
@@ -222,11 +229,19 @@ def build(cls: type[T], values: Mapping[str, Any], source: str, prefix: str = ""
             if field.default is dataclasses.MISSING and no_factory:
                 raise ConfigError(source, key, f"{describe(hints[name])} (missing)")
             continue
-        value = _convert(hints[name], values[name], source, key)
+        secret = field.metadata.get("secret", False)
+        try:
+            value = _convert(hints[name], values[name], source, key)
+        except ConfigError as err:
+            if secret:  # the value may be key material: name the key, never show it
+                raise ConfigError(err.source, err.key, err.expected) from None
+            raise
         check = field.metadata.get("check")
         if check is not None and value is not None:
             problem = check(value)
             if problem:
+                if secret:
+                    raise ConfigError(source, key, problem)
                 raise ConfigError(source, key, problem, values[name])
         kwargs[name] = value
     try:
@@ -302,3 +317,111 @@ class DaemonConfig:
         else "a path like /aivmm/v1 (leading /, no trailing /)")
     log_level: str = setting("info", check=log_level)
     log_format: Literal["text", "json"] = setting("text")
+    # etcd security (docs/security.md): TLS for https:// endpoints (the CA of etcd's server
+    # certificate, and a client certificate and key for mutual TLS), and etcd's user and
+    # password. The password comes from etcd_password_file or $AIVMM_ETCD_PASSWORD, never a
+    # flag or the config file itself.
+    etcd_ca: str | None = setting(None)
+    etcd_cert: str | None = setting(None)
+    etcd_key: str | None = setting(None)
+    etcd_user: str | None = setting(None, check=lambda v: None if v.strip() else "a user name")
+    etcd_password_file: str | None = setting(None)
+
+    def __post_init__(self) -> None:
+        check_etcd_security(self)
+
+    def etcd_security(self, environ: Mapping[str, str] | None = None) -> EtcdSecurity | None:
+        """The credentials the store presents, read from their files now; None: none."""
+        return read_etcd_security(self.etcd_ca, self.etcd_cert, self.etcd_key, self.etcd_user,
+                                  self.etcd_password_file, environ)
+
+
+PASSWORD_ENV = "AIVMM_ETCD_PASSWORD"
+
+
+def _readable(path: str) -> str | None:
+    try:
+        with open(path, "rb") as fh:
+            fh.read(1)
+    except OSError as err:
+        return f"a readable file ({path}: {err.strerror})"
+    return None
+
+
+def check_etcd_security(c: Any, environ: Mapping[str, str] | None = None,
+                        keys: Mapping[str, str] | None = None) -> None:
+    """Cross-checks of the etcd_* keys; raises ValueError("key: expected ...").
+
+    ``keys`` renames the keys in the message (aivmmctl names its flags)."""
+    environ = os.environ if environ is None else environ
+    name = {k: (keys or {}).get(k, k) for k in
+            ("etcd", "etcd_ca", "etcd_cert", "etcd_key", "etcd_user", "etcd_password_file")}
+    tls = any(is_tls(u) for u in c.etcd)
+    for key in ("etcd_ca", "etcd_cert", "etcd_key"):
+        path = getattr(c, key)
+        if path is None:
+            continue
+        if not tls:
+            raise ValueError(f"{name[key]}: https:// etcd endpoints (a certificate is of no "
+                             "use over plain http)")
+        problem = _readable(path)
+        if problem:
+            raise ValueError(f"{name[key]}: {problem}")
+    if (c.etcd_cert is None) != (c.etcd_key is None):
+        missing = "etcd_key" if c.etcd_key is None else "etcd_cert"
+        raise ValueError(f"{name[missing]}: a file (etcd_cert and etcd_key go together)")
+    if c.etcd_ca is not None:
+        try:
+            ssl.create_default_context(cafile=c.etcd_ca)
+        except (ssl.SSLError, ValueError):
+            raise ValueError(f"{name['etcd_ca']}: a PEM CA certificate "
+                             f"({c.etcd_ca} is not one)") from None
+    if c.etcd_cert is not None:
+        try:
+            ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_cert_chain(c.etcd_cert, c.etcd_key)
+        except (ssl.SSLError, ValueError):
+            raise ValueError(f"{name['etcd_key']}: the private key of {name['etcd_cert']} "
+                             f"(a PEM certificate and its key; {c.etcd_cert} and "
+                             f"{c.etcd_key} do not match or are not PEM)") from None
+    if c.etcd_password_file is not None:
+        if c.etcd_user is None:
+            raise ValueError(f"{name['etcd_user']}: a user name (a password file was given)")
+        problem = _readable(c.etcd_password_file)
+        if problem:
+            raise ValueError(f"{name['etcd_password_file']}: {problem}")
+        with open(c.etcd_password_file, encoding="utf-8", errors="replace") as fh:
+            if not fh.read().strip():
+                raise ValueError(f"{name['etcd_password_file']}: a file holding the password "
+                                 "(it is empty)")
+
+
+def read_etcd_security(ca: str | None, cert: str | None, key: str | None, user: str | None,
+                       password_file: str | None,
+                       environ: Mapping[str, str] | None = None) -> EtcdSecurity | None:
+    """Read the files named (already checked) into an EtcdSecurity; None when none is set."""
+    environ = os.environ if environ is None else environ
+
+    def read(path: str | None) -> bytes | None:
+        if path is None:
+            return None
+        with open(path, "rb") as fh:
+            return fh.read()
+
+    password: str | None = None
+    if user is not None:
+        if password_file is not None:
+            with open(password_file, encoding="utf-8") as fh:
+                password = fh.read().strip()
+        else:
+            password = environ.get(PASSWORD_ENV) or None
+        if password is None and cert is None:
+            raise ConfigError("environment", "etcd_password_file",
+                              f"a file with {user}'s password (or ${PASSWORD_ENV}; with a "
+                              "client certificate and no password, etcd takes its CN as the "
+                              "user)")
+        if password is None:
+            user = None  # a client certificate's CN is the user
+    if not any((ca, cert, key, user)):
+        return None
+    return EtcdSecurity(ca=read(ca), cert=read(cert), key=read(key), user=user,
+                        password=password)

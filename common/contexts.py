@@ -17,7 +17,7 @@ from aiohttp import web
 
 from common.daemon import LISTENING, STOPPING
 from common.sdnotify import Notifier, notify_loop
-from common.store import EtcdStore
+from common.store import EtcdSecurity, EtcdStore
 from common.store_api import Store
 from common.tasks import GUARD, Guard
 
@@ -36,6 +36,8 @@ class DaemonSpec:
     """One line for ``systemctl status``."""
     ready: Callable[[web.Application], bool] = field(default=_always)
     """Besides listening, what must hold before ``READY=1``."""
+    security: EtcdSecurity | None = None
+    """TLS material and credentials for etcd (docs/security.md)."""
 
 
 SPEC: web.AppKey[DaemonSpec] = web.AppKey("daemon_spec", DaemonSpec)
@@ -60,7 +62,7 @@ async def store_ctx(app: web.Application) -> AsyncIterator[None]:
     """Open an EtcdStore on the spec's endpoints unless a store was set; close only ours."""
     own = STORE not in app
     if own:
-        store = EtcdStore(app[SPEC].etcd)
+        store = EtcdStore(app[SPEC].etcd, security=app[SPEC].security)
         await store.connect()
         app[STORE] = store
     yield

@@ -14,14 +14,14 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
 import grpc
 from aetcd import rpc
 
 from common.backoff import Backoff
-from common.endpoints import etcd_target
+from common.endpoints import etcd_target, is_tls
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +71,59 @@ class Compacted(StoreError):
     def __init__(self, revision: int) -> None:
         super().__init__(f"revision compacted: history starts at {revision}")
         self.revision = revision
+
+
+class AuthFailed(StoreError):
+    """etcd refused the credentials (unknown user, wrong password, certificate not trusted)."""
+
+
+@dataclass(frozen=True, slots=True)
+class EtcdSecurity:
+    """How to prove who we are to etcd (docs/security.md).
+
+    ``ca``/``cert``/``key`` are PEM bytes for ``https://`` endpoints: the CA that signed
+    etcd's server certificate (None: the system's roots), and this client's certificate and
+    key for mutual TLS. ``user``/``password``: etcd's own authentication; the token it
+    returns is sent as metadata on every call and renewed when etcd says it expired.
+    """
+
+    ca: bytes | None = None
+    cert: bytes | None = None
+    key: bytes | None = None
+    user: str | None = None
+    password: str | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Permission:
+    """One grant of an etcd role: ``key`` alone, or every key under it (``prefix``)."""
+
+    key: str
+    kind: Literal["read", "write", "readwrite"]
+    prefix: bool = True
+
+
+_PERM_TYPES = {"read": 0, "write": 1, "readwrite": 2}
+# etcd's answer when a simple token expired (--auth-token-ttl, 300 s idle by default).
+_TOKEN_EXPIRED = ("invalid auth token", "user name is empty")
+
+
+class _Authed:
+    """A stub whose every call carries the connection's auth token as metadata."""
+
+    def __init__(self, stub: Any, conn: _Conn) -> None:
+        self._stub = stub
+        self._conn = conn
+
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        method = getattr(self._stub, name)
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            if self._conn.token is not None:
+                kwargs["metadata"] = (("token", self._conn.token),)
+            return method(*args, **kwargs)
+
+        return call
 
 
 class _Retry(Exception):
@@ -179,13 +232,40 @@ def _key(raw: bytes) -> str:
 class _Conn:
     """One gRPC channel to one endpoint, with etcd's stubs over it."""
 
-    def __init__(self, endpoint: str) -> None:
+    def __init__(self, endpoint: str, security: EtcdSecurity | None = None) -> None:
         self.endpoint = endpoint
-        self.channel = rpc.insecure_channel(etcd_target(endpoint), options=_CHANNEL_OPTIONS)
-        self.kv = rpc.KVStub(self.channel)
-        self.lease = rpc.LeaseStub(self.channel)
-        self.watch = rpc.WatchStub(self.channel)
+        self.security = security or EtcdSecurity()
+        target = etcd_target(endpoint)
+        if is_tls(endpoint):
+            creds = grpc.ssl_channel_credentials(
+                root_certificates=self.security.ca, private_key=self.security.key,
+                certificate_chain=self.security.cert)
+            self.channel = grpc.aio.secure_channel(target, creds, options=_CHANNEL_OPTIONS)
+        else:
+            self.channel = rpc.insecure_channel(target, options=_CHANNEL_OPTIONS)
+        self.token: str | None = None
+        self.kv = _Authed(rpc.KVStub(self.channel), self)
+        self.lease = _Authed(rpc.LeaseStub(self.channel), self)
+        self.watch = _Authed(rpc.WatchStub(self.channel), self)
+        self.auth = _Authed(rpc.AuthStub(self.channel), self)
         self.answered = False  # once true, a failure may be a stale TCP connection
+
+    @property
+    def needs_token(self) -> bool:
+        return self.security.user is not None and self.token is None
+
+    async def authenticate(self, deadline: float) -> None:
+        """Trade the user name and password for a token (every call then carries it)."""
+        req = rpc.AuthenticateRequest(name=self.security.user or "",
+                                      password=self.security.password or "")
+        try:
+            resp = await rpc.AuthStub(self.channel).Authenticate(req, timeout=deadline)
+        except grpc.aio.AioRpcError as err:
+            if err.code() in _UNREACHABLE:
+                raise
+            raise AuthFailed(f"etcd authentication as {self.security.user!r} failed: "
+                             f"{err.details()}") from None
+        self.token = str(resp.token)
 
     async def close(self) -> None:
         await self.channel.close()
@@ -246,6 +326,10 @@ class EtcdStore:
     :meth:`sync_prefix` waits between attempts while etcd is away.
     """
 
+    # What a store made without ``security`` uses: set once by a command-line process
+    # (aivmmctl) from its flags, so that every store it opens presents the same credentials.
+    default_security: EtcdSecurity | None = None
+
     def __init__(
         self,
         endpoints: list[str],
@@ -254,12 +338,14 @@ class EtcdStore:
         retry_initial: float = 0.2,
         retry_max: float = 5.0,
         on_state: Callable[[bool], None] | None = None,
+        security: EtcdSecurity | None = None,
     ) -> None:
         if not endpoints:
             raise ValueError("at least one etcd endpoint is needed")
         for endpoint in endpoints:
             etcd_target(endpoint)  # reject a malformed URL now, not at the first call
         self._endpoints = list(endpoints)
+        self._security = security if security is not None else EtcdStore.default_security
         self._timeout = timeout
         self._retry_initial = retry_initial
         self._retry_max = retry_max
@@ -321,7 +407,7 @@ class EtcdStore:
         if self._closed:
             raise StoreClosed("the etcd store is closed")
         if self._conn is None:
-            self._conn = _Conn(self._endpoints[self._index])
+            self._conn = _Conn(self._endpoints[self._index], self._security)
         return self._conn
 
     async def _failover(self, failed: _Conn) -> None:
@@ -330,7 +416,8 @@ class EtcdStore:
             if self._conn is not failed:
                 return  # another caller already moved on
             self._index = (self._index + 1) % len(self._endpoints)
-            self._conn = None if self._closed else _Conn(self._endpoints[self._index])
+            self._conn = None if self._closed else _Conn(self._endpoints[self._index],
+                                                         self._security)
             # Closing cancels the calls still on it; they see their channel replaced and retry.
             await failed.close()
         log.info("etcd endpoint %s failed; now using %s", failed.endpoint, self.endpoint)
@@ -339,12 +426,23 @@ class EtcdStore:
         """Run ``op`` on the current endpoint, failing over while endpoints do not answer."""
         errors: list[str] = []
         attempts = len(self._endpoints) + (1 if self._current().answered else 0)
+        renewed = False
         while attempts > 0:
             conn = self._current()
             try:
+                if conn.needs_token:
+                    await conn.authenticate(self._timeout)
                 result = await op(conn)
             except grpc.aio.AioRpcError as err:
                 replaced = conn is not self._conn
+                if (not renewed and conn.token is not None and not replaced
+                        and err.code() in (grpc.StatusCode.UNAUTHENTICATED,
+                                           grpc.StatusCode.INVALID_ARGUMENT)
+                        and any(m in (err.details() or "") for m in _TOKEN_EXPIRED)):
+                    # The token expired (etcd's --auth-token-ttl): get a new one, once.
+                    conn.token = None
+                    renewed = True
+                    continue
                 if err.code() not in _UNREACHABLE and not replaced:
                     raise StoreError(f"{what}: {err.code().name}: {err.details()}") from err
                 why = f"{conn.endpoint}: {err.code().name} {err.details()}"
@@ -517,6 +615,59 @@ class EtcdStore:
             await conn.kv.Compact(req, timeout=self._timeout)
 
         await self._call(f"compact {revision}", op)
+
+    # -- users and roles (aivmmctl etcd-roles; docs/security.md) ---------------------------
+
+    async def _auth_call(self, what: str, method: str, req: Any,
+                         exists_ok: bool = False) -> Any:
+        async def op(conn: _Conn) -> Any:
+            try:
+                return await getattr(conn.auth, method)(req, timeout=self._timeout)
+            except grpc.aio.AioRpcError as err:
+                if exists_ok and err.code() == grpc.StatusCode.FAILED_PRECONDITION \
+                        and "already exists" in (err.details() or ""):
+                    return None
+                raise
+
+        return await self._call(what, op)
+
+    async def ensure_role(self, name: str, grants: Sequence[Permission]) -> None:
+        """Create role ``name`` if absent and make its permissions exactly ``grants``."""
+        await self._auth_call(f"add role {name}", "RoleAdd",
+                              rpc.AuthRoleAddRequest(name=name), exists_ok=True)
+        current = await self._auth_call(f"get role {name}", "RoleGet",
+                                        rpc.AuthRoleGetRequest(role=name))
+        for perm in current.perm:
+            await self._auth_call(f"revoke from role {name}", "RoleRevokePermission",
+                                  rpc.AuthRoleRevokePermissionRequest(
+                                      role=name, key=perm.key, range_end=perm.range_end))
+        for g in grants:
+            raw = g.key.encode()
+            perm = rpc.Permission(permType=_PERM_TYPES[g.kind], key=raw,
+                                  range_end=_range_end(raw) if g.prefix else b"")
+            await self._auth_call(f"grant to role {name}", "RoleGrantPermission",
+                                  rpc.AuthRoleGrantPermissionRequest(name=name, perm=perm))
+
+    async def ensure_user(self, name: str, password: str | None, roles: Sequence[str]) -> None:
+        """Create user ``name`` (or set its password) and grant it ``roles``. A user
+        without a password can only log in with a client certificate whose CN is its name."""
+        added = await self._auth_call(
+            f"add user {name}", "UserAdd",
+            rpc.AuthUserAddRequest(name=name, password=password or "",
+                                   options=rpc.UserAddOptions(no_password=password is None)),
+            exists_ok=True)
+        if added is None and password is not None:
+            await self._auth_call(f"set password of {name}", "UserChangePassword",
+                                  rpc.AuthUserChangePasswordRequest(name=name,
+                                                                    password=password))
+        for role in roles:
+            await self._auth_call(f"grant {role} to {name}", "UserGrantRole",
+                                  rpc.AuthUserGrantRoleRequest(user=name, role=role))
+
+    async def enable_auth(self) -> None:
+        """Turn etcd's authentication on (a ``root`` user with the root role must exist);
+        already on is fine."""
+        await self._auth_call("enable auth", "AuthEnable", rpc.AuthEnableRequest())
 
     async def get_item(self, key: str) -> KeyValue | None:
         """``key`` with its revisions (for a compare-and-swap), or None."""

@@ -14,6 +14,7 @@ import orjson
 
 from common import audit
 from common.cli import VersionAction
+from common.config import check_etcd_security, read_etcd_security
 from common.deployview import deployment_views, download_text, parse_backends, read_records
 from common.endpoints import etcd_target
 from common.keys import Keys
@@ -28,8 +29,8 @@ from common.records import (
     parse_node,
 )
 from common.routeview import backend_costs, read_routes, route_views
-from common.store import Compare, EtcdStore, StoreUnavailable
-from ctl import deployments, models, routes
+from common.store import Compare, EtcdStore, StoreError, StoreUnavailable
+from ctl import deployments, etcdroles, models, routes
 
 EXIT_UNREACHABLE = 1
 EXIT_USAGE = 2
@@ -236,6 +237,18 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--prefix", default=os.environ.get("AIVMM_ETCD_PREFIX", "/aivmm/v1"),
                    help="etcd key prefix (env AIVMM_ETCD_PREFIX)")
     p.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for etcd")
+    env = os.environ.get
+    p.add_argument("--etcd-ca", default=env("AIVMM_ETCD_CA"), metavar="FILE",
+                   help="CA of etcd's server certificate, for https:// (env AIVMM_ETCD_CA)")
+    p.add_argument("--etcd-cert", default=env("AIVMM_ETCD_CERT"), metavar="FILE",
+                   help="client certificate for mutual TLS (env AIVMM_ETCD_CERT)")
+    p.add_argument("--etcd-key", default=env("AIVMM_ETCD_KEY"), metavar="FILE",
+                   help="its private key (env AIVMM_ETCD_KEY)")
+    p.add_argument("--etcd-user", default=env("AIVMM_ETCD_USER"), metavar="USER",
+                   help="etcd user (env AIVMM_ETCD_USER)")
+    p.add_argument("--etcd-password-file", default=env("AIVMM_ETCD_PASSWORD_FILE"),
+                   metavar="FILE", help="file holding the user's password (env "
+                   "AIVMM_ETCD_PASSWORD_FILE; or AIVMM_ETCD_PASSWORD holds it)")
     verbs = p.add_subparsers(dest="verb", required=True)
     status = verbs.add_parser("status", help="nodes, GPUs and backends")
     status.add_argument("--json", action="store_true", help="machine-readable output")
@@ -253,6 +266,7 @@ def parser() -> argparse.ArgumentParser:
     deployments.add_parsers(verbs)
     routes.add_parsers(verbs)
     models.add_parsers(verbs)
+    etcdroles.add_parser(verbs)
     trail = verbs.add_parser("audit", help="who changed what and when (the audit trail)")
     trail.add_argument("--since", metavar="AGE|DATE",
                        help="only entries since then: 30m, 1h, 2d, 1w or an ISO date")
@@ -268,7 +282,32 @@ def _json(value: Any) -> str:
     return orjson.dumps(value, option=orjson.OPT_INDENT_2).decode() + "\n"
 
 
+def _security(args: argparse.Namespace, endpoints: list[str]) -> str | None:
+    """Check the --etcd-* flags and make every store of this run present them; the
+    problem (one line naming the flag) when they cannot be used."""
+    flags = {k: "--" + k.replace("_", "-") for k in
+             ("etcd", "etcd_ca", "etcd_cert", "etcd_key", "etcd_user", "etcd_password_file")}
+    given = argparse.Namespace(etcd=endpoints, etcd_ca=args.etcd_ca, etcd_cert=args.etcd_cert,
+                               etcd_key=args.etcd_key, etcd_user=args.etcd_user,
+                               etcd_password_file=args.etcd_password_file)
+    try:
+        check_etcd_security(given, keys=flags)
+    except ValueError as err:
+        flag, _, expected = str(err).partition(": ")
+        return f"{flag}: expected {expected}"
+    EtcdStore.default_security = read_etcd_security(
+        args.etcd_ca, args.etcd_cert, args.etcd_key, args.etcd_user, args.etcd_password_file)
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    finally:
+        EtcdStore.default_security = None  # set from this run's flags only
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = parser().parse_args(deployments.join_arg_values(
         sys.argv[1:] if argv is None else argv))
     endpoints = [u.strip() for u in args.etcd.split(",") if u.strip()]
@@ -278,6 +317,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ValueError as err:
             print(f"aivmmctl: --etcd: {err}", file=sys.stderr)
             return EXIT_USAGE
+    problem = _security(args, endpoints)
+    if problem:
+        print(f"aivmmctl: {problem}", file=sys.stderr)
+        return EXIT_USAGE
     try:
         if args.verb in deployments.VERBS:
             return asyncio.run(deployments.run(args, endpoints, table))
@@ -285,6 +328,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(routes.run(args, endpoints, table))
         if args.verb in models.VERBS:
             return asyncio.run(models.run(args, endpoints, table))
+        if args.verb == "etcd-roles":
+            return asyncio.run(etcdroles.run(args, endpoints))
         if args.verb == "audit":
             return show_audit(args, endpoints)
         if args.verb in ("drain", "undrain"):
@@ -301,6 +346,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         view = asyncio.run(fetch(endpoints, args.prefix, args.timeout))
     except StoreUnavailable:
         print(f"aivmmctl: cannot reach etcd at {', '.join(endpoints)}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    except StoreError as err:  # refused: credentials, permissions (docs/security.md)
+        print(f"aivmmctl: etcd refused the request: {err}", file=sys.stderr)
         return EXIT_UNREACHABLE
     except deployments.Conflict as err:
         print(f"aivmmctl: the drain request of {err} kept changing while being written; "

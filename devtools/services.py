@@ -14,11 +14,13 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import tempfile
 import time
 import urllib.request
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
@@ -77,9 +79,29 @@ async def until(predicate: Callable[[], Awaitable[T] | T], within: float = 10.0,
         await asyncio.sleep(interval)
 
 
-def etcd_answers(url: str) -> bool:
+@dataclass(frozen=True, slots=True)
+class EtcdTls:
+    """A TLS etcd: its server certificate and key, and the CA whose client certificates it
+    demands (--client-cert-auth); ``client`` is a certificate and key to check its health."""
+
+    ca: Path
+    cert: Path
+    key: Path
+    client_cert: Path
+    client_key: Path
+
+    def args(self) -> tuple[str, ...]:
+        return ("--cert-file", str(self.cert), "--key-file", str(self.key),
+                "--trusted-ca-file", str(self.ca), "--client-cert-auth")
+
+
+def etcd_answers(url: str, tls: EtcdTls | None = None) -> bool:
     """True when the etcd at ``url`` reports itself healthy."""
-    with urllib.request.urlopen(url + "/health", timeout=1) as resp:
+    context = None
+    if tls is not None:
+        context = ssl.create_default_context(cafile=str(tls.ca))
+        context.load_cert_chain(str(tls.client_cert), str(tls.client_key))
+    with urllib.request.urlopen(url + "/health", timeout=1, context=context) as resp:
         return b'"true"' in resp.read()
 
 
@@ -111,8 +133,11 @@ class EtcdServer:
     """One etcd member on 127.0.0.1 with its own data dir; restartable on the same port."""
 
     def __init__(self, workdir: Path | None = None, port: int | None = None,
-                 peer_port: int | None = None) -> None:
+                 peer_port: int | None = None, *, tls: EtcdTls | None = None,
+                 extra_args: tuple[str, ...] = ()) -> None:
         self.binary = _need("etcd", "etcd-server")
+        self.tls = tls
+        self.extra_args = extra_args
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="aivmm-etcd-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
@@ -121,7 +146,8 @@ class EtcdServer:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        scheme = "https" if self.tls else "http"
+        return f"{scheme}://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 20.0) -> None:
         peer = f"http://127.0.0.1:{self.peer_port}"
@@ -132,6 +158,7 @@ class EtcdServer:
                 "--listen-client-urls", self.url, "--advertise-client-urls", self.url,
                 "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
                 "--initial-cluster", f"test={peer}", "--log-level", "warn",
+                *(self.tls.args() if self.tls else ()), *self.extra_args,
             ],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             env={**os.environ, "ETCD_UNSUPPORTED_ARCH": os.uname().machine},
@@ -142,7 +169,7 @@ class EtcdServer:
     def healthy(self) -> bool:
         if self.proc is None or self.proc.poll() is not None:
             raise ServiceError(f"etcd exited; see {self.workdir / 'etcd.log'}")
-        return etcd_answers(self.url)
+        return etcd_answers(self.url, self.tls)
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> None:
         if self.proc is None:

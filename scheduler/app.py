@@ -331,7 +331,8 @@ def build_app(config: SchedulerConfig) -> web.Application:
     it is (and not closed), else they are made from config and the environment."""
     app = web.Application(client_max_size=config.max_body_bytes,
                           middlewares=[openai_shaped_errors])
-    init_daemon(app, DaemonSpec(etcd=list(config.etcd), status=status_line, ready=table_loaded))
+    init_daemon(app, DaemonSpec(etcd=list(config.etcd), status=status_line, ready=table_loaded,
+                                security=config.etcd_security()))
     keys = list(config.api_keys)
     if config.api_keys_file:
         keys += read_keys_file(config.api_keys_file)

@@ -27,7 +27,7 @@ class SchedulerConfig(DaemonConfig):
     # spreads connections over them, one process per core (docs/benchmarks.md).
     reuse_port: bool = setting(False)
     # Plain keys or "sha256:<hex>" digests; none at all means no authentication.
-    api_keys: list[str] = setting([], check=_keys)
+    api_keys: list[str] = setting([], check=_keys, secret=True)
     api_keys_file: str | None = setting(None)
     # GET /v1/cluster (the status page's data) without a key even when keys are configured.
     status_page_public: bool = setting(False)
@@ -72,6 +72,7 @@ class SchedulerConfig(DaemonConfig):
         10_000, check=lambda v: None if v >= 1 else "an integer >= 1")
 
     def __post_init__(self) -> None:
+        DaemonConfig.__post_init__(self)  # the etcd_* checks
         if self.api_keys_file is not None:
             try:
                 with open(self.api_keys_file, encoding="utf-8") as fh:
