@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
 .PHONY: demo demo-autoscale demo-models demo-routes down test lint unit sim-image images services clean install uninstall dist \
-	constraints
+	constraints llamacpp engine-check
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,8 +22,19 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 
-test: $(STAMP) services lint
+test: $(STAMP) services lint llamacpp
 	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+# The real engine of tests/test_real_engine.py: llama.cpp compiled once through
+# llama-cpp-python (minutes; README) and a tiny GGUF, cached in ~/.cache/aivmm. Built here,
+# before pytest, so the first build's progress shows; the image itself (seconds) is built
+# on the test session's Docker engine.
+llamacpp: $(STAMP)
+	$(PY) -m devtools.llamacpp --no-image
+
+# Only the real engine through agent and scheduler (make test runs it too).
+engine-check: $(STAMP) services llamacpp
+	$(PY) -m pytest -q -p no:cacheprovider tests/test_real_engine.py
 
 sim-image: $(STAMP) services
 	$(PY) -m devtools.image $(SIM_IMAGE_ARGS)

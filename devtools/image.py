@@ -6,8 +6,9 @@ what this machine already has: the python binary with every shared library ``ldd
 :class:`ImageSpec` names with everything they require, and its packages from this source
 tree. The tree is hashed; an image carrying the same ``aivmm.content-hash`` label is reused,
 so an unchanged tree costs a hash and no build. The ``aivmm-sim`` image is :data:`SIM`;
-:mod:`devtools.images` adds the agent's and the scheduler's. The builder is a development
-tool, not part of any image it builds: the sim image carries ``sim/`` and what it imports.
+:mod:`devtools.images` adds the agent's and the scheduler's, :mod:`devtools.llamacpp` a real
+llama.cpp engine's (from a ``pip install --target`` tree). The builder is a development tool,
+not part of any image it builds: the sim image carries ``sim/`` and what it imports.
 
     python -m devtools.image [--docker-host unix:///path/docker.sock] [--tag aivmm-sim] [--quiet]
 """
@@ -56,6 +57,14 @@ class ImageSpec:
     env: tuple[tuple[str, str], ...] = ()
     user: tuple[str, int] | None = None  # (name, uid); None runs as root
     healthcheck: tuple[str, ...] = ()  # arguments after the interpreter; exit 0 = healthy
+    # Directories to take ``distributions`` from instead of this interpreter's own
+    # site-packages (a ``pip install --target`` tree: devtools/llamacpp.py).
+    site_paths: tuple[str, ...] = ()
+    # Literal files for site-packages: (path relative to it, content).
+    files: tuple[tuple[str, bytes], ...] = ()
+    # Standard-library parts pruned by default that this image needs (e.g. "sqlite3": the
+    # package and its _sqlite3 extension).
+    stdlib_keep: tuple[str, ...] = ()
 
 
 SIM = ImageSpec(
@@ -129,30 +138,42 @@ def _mode(path: Path) -> int:
     return 0o755 if os.access(path, os.X_OK) else 0o644
 
 
-def stdlib_entries() -> list[Entry]:
-    """The interpreter's standard library, pruned, placed under ``PREFIX``."""
+def stdlib_entries(keep: Iterable[str] = ()) -> list[Entry]:
+    """The interpreter's standard library, pruned (but for ``keep``), placed under ``PREFIX``."""
     stdlib = Path(sysconfig.get_paths(vars={"base": sys.base_prefix})["stdlib"])
     dynload = stdlib / "lib-dynload"
+    kept = set(keep)
+    extensions = tuple(f"_{name}." for name in kept) + tuple(f"{name}." for name in kept)
     entries = []
-    for path in _walk(stdlib, STDLIB_SKIP_DIRS | {"lib-dynload"}, STDLIB_SKIP_FILES):
+    for path in _walk(stdlib, (STDLIB_SKIP_DIRS - kept) | {"lib-dynload"},
+                      STDLIB_SKIP_FILES):
         entries.append(Entry(PREFIX / "lib" / PYVER / path.relative_to(stdlib).as_posix(),
                              source=path, mode=0o644))
     for path in sorted(dynload.iterdir()):
-        if path.suffix == ".so" and not DYNLOAD_SKIP.match(path.name):
+        if path.suffix == ".so" and (not DYNLOAD_SKIP.match(path.name)
+                                     or path.name.startswith(extensions)):
             entries.append(Entry(PREFIX / "lib" / PYVER / "lib-dynload" / path.name,
                                  source=path, mode=0o755))
     return entries
 
 
-def distribution_closure(roots: Iterable[str]) -> list[importlib.metadata.Distribution]:
-    """The installed distributions ``roots`` need, following requirements without extras."""
+def distribution_closure(roots: Iterable[str], paths: Iterable[str] = ()
+                         ) -> list[importlib.metadata.Distribution]:
+    """The installed distributions ``roots`` need, following requirements without extras.
+
+    From ``paths`` when given (only there), else from this interpreter's ``sys.path``.
+    """
     found: dict[str, importlib.metadata.Distribution] = {}
     todo = list(roots)
+    where = list(paths)
     while todo:
         name = todo.pop()
         try:
-            dist = importlib.metadata.distribution(name)
-        except importlib.metadata.PackageNotFoundError:
+            if where:
+                dist = next(iter(importlib.metadata.distributions(name=name, path=where)))
+            else:
+                dist = importlib.metadata.distribution(name)
+        except (importlib.metadata.PackageNotFoundError, StopIteration):
             # A requirement for another Python version or platform, not installed here.
             continue
         key = dist.metadata["Name"].lower().replace("_", "-")
@@ -172,7 +193,7 @@ def distribution_closure(roots: Iterable[str]) -> list[importlib.metadata.Distri
 def site_entries(spec: ImageSpec) -> list[Entry]:
     """The files of the spec's distribution closure, plus its packages from this tree."""
     entries = []
-    for dist in distribution_closure(spec.distributions):
+    for dist in distribution_closure(spec.distributions, spec.site_paths):
         base = Path(str(dist.locate_file("")))
         for rel in dist.files or []:
             parts = PurePosixPath(str(rel)).parts
@@ -188,6 +209,8 @@ def site_entries(spec: ImageSpec) -> list[Entry]:
         for source in sorted((SOURCE_ROOT / package).rglob("*.py")):
             rel = source.relative_to(SOURCE_ROOT).as_posix()
             entries.append(Entry(SITE / rel, source=source))
+    for rel, data in spec.files:
+        entries.append(Entry(SITE / rel, data=data))
     return entries
 
 
@@ -225,11 +248,16 @@ def plan(spec: ImageSpec = SIM) -> tuple[list[Entry], str]:
     """Every entry of the image's root file system, and the Dockerfile that assembles it."""
     python = Path(os.path.realpath(sys.executable))
     entries = [Entry(PREFIX / "bin" / PYVER, source=python, mode=0o755)]
-    entries += stdlib_entries()
+    entries += stdlib_entries(spec.stdlib_keep)
     entries += site_entries(spec)
     elves = [python] + [e.source for e in entries
                         if e.source is not None and e.source.suffix == ".so"]
     libs = shared_libraries(elves)
+    # Libraries found next to a site directory's own (RUNPATH $ORIGIN) are already in the
+    # image, at their place under SITE.
+    roots = [Path(p).resolve() for p in spec.site_paths]
+    libs = {path: source for path, source in libs.items()
+            if not any(source.is_relative_to(root) for root in roots)}
     # libpython is found through the interpreter's RUNPATH on the host; in the image it sits
     # under PREFIX/lib and LD_LIBRARY_PATH points there.
     moved: dict[PurePosixPath, Path] = {}
@@ -241,8 +269,13 @@ def plan(spec: ImageSpec = SIM) -> tuple[list[Entry], str]:
     entries += system_entries(moved, spec.user)
     # A source-built interpreter keeps its debug info (libpython alone: ~20 MB of it); the
     # image does not need it.
+    # Not the binaries of a site directory's wheels: their builders stripped them, and strip
+    # breaks the ones auditwheel patched (numpy's bundled OpenBLAS no longer loads).
     if shutil.which("strip"):
-        entries = [dataclasses.replace(e, strip=True) if _is_elf(e) else e for e in entries]
+        entries = [dataclasses.replace(e, strip=True)
+                   if _is_elf(e) and not (e.source is not None and any(
+                       e.source.resolve().is_relative_to(r) for r in roots))
+                   else e for e in entries]
     lib_dirs = sorted({str(p.parent) for p in moved})
     entries.sort(key=lambda e: e.path)
     interpreter = f"{PREFIX}/bin/{PYVER}"
