@@ -31,6 +31,7 @@ from common.records import (
 from common.routeview import backend_costs, read_routes, route_views
 from common.store import Compare, EtcdStore, StoreError, StoreUnavailable
 from ctl import deployments, etcdroles, models, routes
+from ctl import keys as keyverbs
 
 EXIT_UNREACHABLE = 1
 EXIT_USAGE = 2
@@ -265,6 +266,7 @@ def parser() -> argparse.ArgumentParser:
     targets.add_argument("--output", "-o", help="file to write (atomically); default stdout")
     deployments.add_parsers(verbs)
     routes.add_parsers(verbs)
+    keyverbs.add_parsers(verbs)
     models.add_parsers(verbs)
     etcdroles.add_parser(verbs)
     trail = verbs.add_parser("audit", help="who changed what and when (the audit trail)")
@@ -326,6 +328,8 @@ def _main(argv: Sequence[str] | None) -> int:
             return asyncio.run(deployments.run(args, endpoints, table))
         if args.verb in routes.VERBS:
             return asyncio.run(routes.run(args, endpoints, table))
+        if args.verb in keyverbs.VERBS:
+            return asyncio.run(keyverbs.run(args, endpoints, table))
         if args.verb in models.VERBS:
             return asyncio.run(models.run(args, endpoints, table))
         if args.verb == "etcd-roles":

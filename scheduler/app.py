@@ -23,7 +23,14 @@ from common.keys import Keys
 from common.metrics import REGISTRY, handle_metrics
 from common.tasks import GUARD
 from scheduler import status
-from scheduler.auth import Authenticator, read_keys_file
+from scheduler.apikeys import (
+    CALLER,
+    KeyCollector,
+    KeyRing,
+    UsagePublisher,
+    publish_presence,
+)
+from scheduler.auth import read_keys_file
 from scheduler.budget import RetryBudget
 from scheduler.config import SchedulerConfig
 from scheduler.deployed import DeployedModels
@@ -40,7 +47,7 @@ CONFIG: web.AppKey[SchedulerConfig] = web.AppKey("config", SchedulerConfig)
 ROUTER: web.AppKey[Router] = web.AppKey("router", Router)
 PROXY: web.AppKey[Proxy] = web.AppKey("proxy", Proxy)
 REGISTRY_VIEW: web.AppKey[Registry] = web.AppKey("registry", Registry)
-AUTH: web.AppKey[Authenticator] = web.AppKey("auth", Authenticator)
+AUTH: web.AppKey[KeyRing] = web.AppKey("auth", KeyRing)
 METRICS: web.AppKey[SchedulerMetrics] = web.AppKey("metrics", SchedulerMetrics)
 FAILOVERS: web.AppKey[status.FailoverLog] = web.AppKey("failovers", status.FailoverLog)
 RATES: web.AppKey[status.RequestRates] = web.AppKey("rates", status.RequestRates)
@@ -66,8 +73,14 @@ async def handle_openai(request: web.Request) -> web.StreamResponse:
     if isinstance(admitted, web.Response):
         # Counted without model or backend: a client's model name is no metric label.
         app[PROXY].count("", "", admitted.status)
+        app[AUTH].rejected(request, admitted.status)
         return admitted
     body, model = admitted
+    caller = request.get(CALLER)
+    if caller is not None:
+        # A key's limits and counts (docs/keys.md).
+        return await app[AUTH].serve(request, caller, body, lambda b: app[ROUTES].forward(
+            request, b, model, app[PROXY]))
     # A model naming a route is sent to one of its targets (docs/routes.md).
     return await app[ROUTES].forward(request, body, model, app[PROXY])
 
@@ -75,8 +88,13 @@ async def handle_openai(request: web.Request) -> web.StreamResponse:
 async def _admit(request: web.Request) -> web.Response | tuple[bytes, str]:
     """The request's body and model, or the error answer it gets instead."""
     app = request.app
-    if not app[AUTH].allows(request.headers.get("Authorization")):
-        return _unauthorized()
+    auth = app[AUTH]
+    caller = None
+    if auth.enabled:
+        caller = auth.identify(request.headers.get("Authorization"))
+        if caller is None:
+            return _unauthorized()
+        request[CALLER] = caller
     limit = app[CONFIG].max_body_bytes
     if request.content_length is not None and request.content_length > limit:
         return error_response(413, f"request body over {limit} bytes", "body_too_large")
@@ -88,6 +106,8 @@ async def _admit(request: web.Request) -> web.Response | tuple[bytes, str]:
     if model is None:
         return error_response(400, why or "bad request", "invalid_request",
                               param="model" if why and "model" in why else None)
+    if caller is not None and (forbidden := auth.forbidden(caller, model)) is not None:
+        return forbidden
     if not app[ROUTER].known(model) and not app[ROUTES].has(model):
         deployment = app[DEPLOYED].deployment_of(model)
         if deployment is not None and deployment.autoscale is not None:
@@ -123,6 +143,9 @@ async def handle_models(request: web.Request) -> web.Response:
         return _unauthorized()
     served = set(request.app[ROUTER].models())
     served.update(request.app[ROUTES].names(time.monotonic()))  # routes are models to clients
+    caller = request.app[AUTH].identify(request.headers.get("Authorization"))
+    if caller is not None and caller.models is not None:
+        served &= caller.models  # a key sees the models it may use
     data = [{"id": m, "object": "model", "created": 0, "owned_by": "aivmm"}
             for m in sorted(served)]
     return web.Response(body=orjson.dumps({"object": "list", "data": data}),
@@ -178,13 +201,16 @@ async def handle_status(request: web.Request) -> web.Response:
 async def handle_cluster(request: web.Request) -> web.Response:
     """GET /v1/cluster: nodes, GPUs, backends, rates and recent failovers, as JSON."""
     app = request.app
-    if not app[CONFIG].status_page_public and \
-            not app[AUTH].allows(request.headers.get("Authorization")):
+    auth = app[AUTH]
+    caller = auth.identify(request.headers.get("Authorization")) if auth.enabled else None
+    if not app[CONFIG].status_page_public and auth.enabled and caller is None:
         return _unauthorized()
     view = app[ETCD_VIEW]
     await view.refresh(app[STORE])
     body = status.cluster(app[ROUTER], view, app[RATES].rates(), app[FAILOVERS],
                           etcd_connected=etcd_connected(app), now=time.monotonic())
+    if caller is not None and caller.operator:
+        body["keys"] = await auth.view(app[STORE])  # per-key usage: operators only
     return web.Response(body=orjson.dumps(body), content_type="application/json",
                         headers={"Cache-Control": "no-store"})
 
@@ -225,6 +251,22 @@ async def routes_ctx(app: web.Application) -> AsyncIterator[None]:
     app[GUARD].spawn("route-stats", routes.publish(app[STORE]))
     yield
     await app[GUARD].cancel("route-stats", "route-guard", "route-watch")
+
+
+async def keys_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Follow the API keys and the live replicas; publish this replica's presence and its
+    per-key usage (docs/keys.md)."""
+    config, ring, store = app[CONFIG], app[AUTH], app[STORE]
+    usage = UsagePublisher(store, ring, ring.replica, interval=config.key_usage_interval,
+                           keep_days=config.key_usage_keep_days)
+    app[GUARD].spawn("key-watch", ring.run(store))
+    app[GUARD].spawn("scheduler-presence-watch", ring.run_presence(store))
+    app[GUARD].spawn("scheduler-presence", publish_presence(
+        store, ring.keys, ring.replica, config.listen))
+    app[GUARD].spawn("key-usage", usage.run())
+    yield
+    await app[GUARD].cancel("key-usage", "scheduler-presence", "scheduler-presence-watch",
+                            "key-watch")
 
 
 async def placer_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -345,6 +387,8 @@ def build_app(config: SchedulerConfig) -> web.Application:
         stream_idle_timeout=config.stream_idle_timeout, request_timeout=config.request_timeout,
         queue_timeout=config.queue_timeout, max_attempts=config.max_attempts,
         strip_authorization=bool(keys), client_write_timeout=config.client_write_timeout))
+    ring = KeyRing(Keys(config.etcd_prefix), keys, replica=load_replica(config),
+                   on_bad_record=metrics.bad_records.inc, on_enabled=proxy.strip_authorization)
     registry = Registry(router, Keys(config.etcd_prefix), on_change=proxy.notify,
                         on_bad_record=metrics.bad_records.inc,
                         on_reset=metrics.etcd_resyncs.inc)
@@ -352,7 +396,8 @@ def build_app(config: SchedulerConfig) -> web.Application:
     app[ROUTER] = router
     app[PROXY] = proxy
     app[REGISTRY_VIEW] = registry
-    app[AUTH] = Authenticator(keys)
+    app[AUTH] = ring
+    metrics.registry.register(KeyCollector(ring))
     app[METRICS] = metrics
     app[FAILOVERS] = status.FailoverLog()
     proxy.on_failover = app[FAILOVERS].add
@@ -374,6 +419,6 @@ def build_app(config: SchedulerConfig) -> web.Application:
     app.router.add_get("/", handle_status)
     app.router.add_get("/v1/cluster", handle_cluster)
     # notify_ctx last, so that on the way out STOPPING=1 goes first.
-    app.cleanup_ctx.extend([proxy_ctx, store_ctx, watch_ctx, routes_ctx, placer_ctx,
-                            notify_ctx])
+    app.cleanup_ctx.extend([proxy_ctx, store_ctx, watch_ctx, routes_ctx, keys_ctx,
+                            placer_ctx, notify_ctx])
     return app

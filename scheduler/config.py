@@ -65,6 +65,10 @@ class SchedulerConfig(DaemonConfig):
     cold_start_timeout: float = setting(300.0, check=positive)
     cold_start_queue: int = setting(256, check=lambda v: None if v >= 1 else "an integer >= 1")
     load_interval: float = setting(2.0, check=positive)
+    # API keys (docs/keys.md): per-key usage is written to etcd this often (a restart loses
+    # at most that much), and hours of it older than key_usage_keep_days are deleted.
+    key_usage_interval: float = setting(2.0, check=positive)
+    key_usage_keep_days: float = setting(90.0, check=positive)
     # The audit trail (docs/operations.md): the placer deletes entries older than this many
     # days, or beyond this many (oldest first).
     audit_keep_days: float = setting(30.0, check=positive)

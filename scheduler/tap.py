@@ -15,6 +15,7 @@ import re
 from aiohttp import web
 
 _COMPLETION_TOKENS = re.compile(rb'"completion_tokens"\s*:\s*(\d+)')
+_PROMPT_TOKENS = re.compile(rb'"prompt_tokens"\s*:\s*(\d+)')
 # A plain body is kept up to this size to read its usage at the end (answers are smaller).
 _KEEP_MAX = 1 << 20
 
@@ -23,7 +24,7 @@ class Tap:
     """One request's answer, seen from the relay. Times are the proxy's clock."""
 
     __slots__ = ("_kept", "backend", "broken", "events", "first_at", "headers", "sse", "start",
-                 "usage_tokens")
+                 "usage_prompt", "usage_tokens")
 
     def __init__(self, start: float) -> None:
         self.start = start
@@ -32,6 +33,7 @@ class Tap:
         self.sse: bool | None = None
         self.events = 0
         self.usage_tokens: int | None = None
+        self.usage_prompt: int | None = None
         self.broken = False
         # Response headers to add (a route's x-aivmm-route).
         self.headers: dict[str, str] = {}
@@ -54,6 +56,9 @@ class Tap:
                 found = _COMPLETION_TOKENS.findall(data)
                 if found:
                     self.usage_tokens = int(found[-1])
+                prompt = _PROMPT_TOKENS.findall(data)
+                if prompt:
+                    self.usage_prompt = int(prompt[-1])
         elif len(self._kept) + len(data) <= _KEEP_MAX:
             self._kept += data
 
@@ -64,6 +69,13 @@ class Tap:
         if self.sse:
             return max(0, self.events - 1)
         found = _COMPLETION_TOKENS.findall(bytes(self._kept))
+        return int(found[-1]) if found else 0
+
+    def prompt_tokens(self) -> int:
+        """The answer's prompt tokens, from its usage (0 when it has none)."""
+        if self.sse:
+            return self.usage_prompt or 0
+        found = _PROMPT_TOKENS.findall(bytes(self._kept))
         return int(found[-1]) if found else 0
 
 
