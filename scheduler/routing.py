@@ -98,6 +98,7 @@ class Backend:
     ewma_s: float = 0.0
     stamp: float = 0.0
     samples: int = 0
+    sample_size: float = 0.0  # body size the time to first byte stands for (same weights)
     tpot_s: float = 0.0
     tpot_stamp: float = 0.0
     tpot_samples: int = 0
@@ -121,20 +122,33 @@ class Backend:
         """Time of a whole non-streamed answer; None before any."""
         return _decayed(self.whole_s, self.whole_stamp, now) if self.whole_samples else None
 
-    def seconds(self, now: float, tokens: float = 0.0, stream: bool = True) -> float:
-        """Expected time of one request here, before load is counted."""
-        return score.request_seconds(self.latency(now), self.tpot(now), self.whole(now),
-                                     tokens, stream)
+    def seconds(self, now: float, tokens: float = 0.0, stream: bool = True,
+                size: int = 0) -> float:
+        """Expected time of one request (of ``size`` body bytes) here, before load counts."""
+        ttft = self.latency(now) * score.size_factor(size, self.sample_size)
+        return score.request_seconds(ttft, self.tpot(now), self.whole(now), tokens, stream)
 
-    def cost(self, now: float, tokens: float = 0.0, stream: bool = True) -> float:
-        return score.cost(self.seconds(now, tokens, stream), self.inflight, self.waiting,
+    def cost(self, now: float, tokens: float = 0.0, stream: bool = True,
+             size: int = 0) -> float:
+        return score.cost(self.seconds(now, tokens, stream, size), self.inflight, self.waiting,
                           self.kv)
 
-    def observe(self, seconds: float, now: float, streamed: bool = True) -> None:
+    def observe(self, seconds: float, now: float, streamed: bool = True,
+                size: int = 0) -> None:
         """Fold one time-to-first-byte sample into the peak-EWMA: streamed answers' into
         time to first byte, others' (whose first byte is the end of generation) apart."""
         if streamed:
-            self.ewma_s = _peak(self.ewma_s, self.stamp, self.samples, seconds, now)
+            new = _peak(self.ewma_s, self.stamp, self.samples, seconds, now)
+            if size:
+                # The size the figure stands for moves with it: a peak takes the sample's
+                # size, a blend blends the sizes with the same weight.
+                size_f = float(max(size, score.SIZE_FLOOR))
+                if not self.sample_size or new == seconds:
+                    self.sample_size = size_f
+                else:
+                    w = math.exp(-(now - self.stamp) / DECAY_S)
+                    self.sample_size = self.sample_size * w + size_f * (1.0 - w)
+            self.ewma_s = new
             self.stamp = now
             self.samples += 1
         else:
@@ -356,7 +370,8 @@ class Router:
         prefix, within bounds (module docstring)."""
         tokens = float(hint.max_tokens or self.mean_output) if hint else self.mean_output
         stream = hint.stream if hint else True
-        best = self._p2c(model, now, exclude, tokens, stream)
+        size = hint.size if hint else 0
+        best = self._p2c(model, now, exclude, tokens, stream, size)
         if best is None or hint is None or hint.key is None:
             return best
         group = self._group(model)
@@ -364,7 +379,7 @@ class Router:
         ring = self._rings.get(model)
         if ring is None:
             ring = self._rings[model] = score.build_ring([b.key for b in group])
-        best_cost = best.cost(now, tokens, stream)
+        best_cost = best.cost(now, tokens, stream, size)
         tried = 0
         for i in score.ring_walk(ring[0], ring[1], hint.key):
             b = group[i]
@@ -372,8 +387,8 @@ class Router:
                 continue
             if b is best:
                 return b
-            unit = b.seconds(now, tokens, stream)
-            if score.within_slack(b.cost(now, tokens, stream), best_cost, unit):
+            unit = b.seconds(now, tokens, stream, size)
+            if score.within_slack(b.cost(now, tokens, stream, size), best_cost, unit):
                 return b
             tried += 1
             if tried == 2:
@@ -381,7 +396,7 @@ class Router:
         return best
 
     def _p2c(self, model: Pool, now: float, exclude: Collection[Backend], tokens: float,
-             stream: bool) -> Backend | None:
+             stream: bool, size: int) -> Backend | None:
         group = self._group(model)
         if not group:
             return None
@@ -412,10 +427,27 @@ class Router:
             return None
         if second is None:
             return first
-        c1, c2 = first.cost(now, tokens, stream), second.cost(now, tokens, stream)
+        c1, c2 = (first.cost(now, tokens, stream, size),
+                  second.cost(now, tokens, stream, size))
         if c1 == c2:
-            return first if rng.random() < 0.5 else second
-        return first if c1 < c2 else second
+            best, c_best = (first, c1) if rng.random() < 0.5 else (second, c2)
+        else:
+            best, c_best = (first, c1) if c1 < c2 else (second, c2)
+        # More random draws, up to score.CHOICES candidates in all (power of d choices): in a
+        # pool of unlike devices, two draws land on two slow ones too often (with 4 slow of 6,
+        # 40 % of the time), whatever their load. Still random, so replicas still spread.
+        seen = [first, second]
+        for _ in range(2 * (score.CHOICES - 2)):
+            if len(seen) >= min(score.CHOICES, n):
+                break
+            b = group[int(rng.random() * n)]
+            if b in seen or b in exclude or not self.usable(b, now):
+                continue
+            seen.append(b)
+            c = b.cost(now, tokens, stream, size)
+            if c < c_best:
+                best, c_best = b, c
+        return best
 
     def next_change(self, model: Pool, now: float) -> float | None:
         """When the earliest ejection among ``model``'s ready backends ends, if any."""

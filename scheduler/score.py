@@ -34,6 +34,8 @@ from typing import Any
 
 import orjson
 
+# Candidates drawn at random per choice (power of d choices; 2 is classic P2C).
+CHOICES = 4
 # Points per backend on the ring: enough for an even share of keys with a few backends.
 RING_POINTS = 16
 # The preferred backend is taken while its cost is at most this much above the P2C pick's.
@@ -49,6 +51,9 @@ TEXT_KEY_CHARS = 1024
 MAX_KEY_CHARS = 32768
 # Answer length assumed before any stream was measured and when a request sets no limit.
 DEFAULT_OUTPUT_TOKENS = 256
+# Bodies up to this size cost the same time to first token (the step, the queue); above it,
+# time to first token grows with the prompt.
+SIZE_FLOOR = 2048
 # KV-cache usage from which a backend's cost grows (x2 at 100 %).
 KV_SOFT = 0.9
 
@@ -60,6 +65,7 @@ class Hint:
     key: int | None = None      # prefix key (None: no locality)
     max_tokens: int | None = None
     stream: bool = False
+    size: int = 0               # body bytes: the prompt's size, for its prefill time
 
 
 def stable_hash(data: bytes) -> int:
@@ -105,14 +111,14 @@ def request_hint(body: bytes) -> Hint:
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError:
-        return Hint()
+        return Hint(size=len(body))
     if not isinstance(data, dict):
-        return Hint()
+        return Hint(size=len(body))
     text = prefix_text(data)
     limit = data.get("max_completion_tokens") or data.get("max_tokens")
     return Hint(key=stable_hash(text.encode()) if text and len(text) >= MIN_KEY_CHARS else None,
                 max_tokens=limit if isinstance(limit, int) and limit > 0 else None,
-                stream=data.get("stream") is True)
+                stream=data.get("stream") is True, size=len(body))
 
 
 # -- the ring --------------------------------------------------------------------------------
@@ -145,6 +151,14 @@ def ring_walk(points: list[int], owners: list[int], key: int,
 
 
 # -- the cost --------------------------------------------------------------------------------
+
+def size_factor(size: int, sampled_size: float) -> float:
+    """How much longer than its sampled requests' a request of ``size`` bytes takes to its
+    first token: prefill is proportional to the prompt, above a floor of fixed costs."""
+    if not size or not sampled_size:
+        return 1.0
+    return min(max(max(size, SIZE_FLOOR) / sampled_size, 0.1), 10.0)
+
 
 def request_seconds(ttft_s: float, tpot_s: float, whole_s: float | None, tokens: float,
                     stream: bool) -> float:

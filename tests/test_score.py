@@ -64,7 +64,7 @@ def test_text_prompts_key_on_their_opening_and_junk_has_no_key() -> None:
     assert a.key is not None and a.key == b.key
     for body in (b"not json", b"[1, 2]", orjson.dumps({"model": "m"}),
                  orjson.dumps({"model": "m", "messages": ["bad"]})):
-        assert request_hint(body) == Hint()
+        assert request_hint(body) == Hint(size=len(body))
 
 
 def test_the_hash_is_the_same_in_every_process() -> None:
@@ -194,3 +194,19 @@ def test_decode_samples_learn_and_reject_nonsense() -> None:
     before = r.mean_output
     r.observe_output(1000)
     assert r.mean_output > before
+
+
+def test_a_long_prompt_goes_where_prefill_is_fast() -> None:
+    r = router(["small", "big"])
+    small, big = r.backends["n1/small"], r.backends["n1/big"]
+    # small answered short prompts in 0.1 s, big 40 kB prompts in 0.3 s: small's first byte
+    # looks faster, but per byte of prompt big prefills 13 times faster.
+    small.observe(0.1, 100.0, size=1000)
+    big.observe(0.3, 100.0, size=40_000)
+    assert small.latency(100.0) < big.latency(100.0)
+    assert {r.choose("m", 100.0, hint=Hint(stream=True, size=40_000))
+            for _ in range(50)} == {big}
+    # Unknown sizes compare the figures as they are.
+    assert {r.choose("m", 100.0, hint=Hint(stream=True)) for _ in range(50)} == {small}
+    assert score.size_factor(0, 5000.0) == 1.0 and score.size_factor(100, 0.0) == 1.0
+    assert score.size_factor(100, 2048.0) == 1.0  # under the floor: fixed costs only
