@@ -22,6 +22,7 @@ import aiohttp
 import orjson
 from aiohttp import web
 
+from scheduler.apikeys import HIDE_USAGE
 from scheduler.budget import RetryBudget
 from scheduler.errors import error_response, sse_error_event
 from scheduler.metrics import SchedulerMetrics
@@ -130,6 +131,11 @@ class Proxy:
         if self.session is not None:
             await self.session.close()
             self.session = None
+
+    def strip_authorization(self, on: bool) -> None:
+        """Keep the client's Authorization header from the backends (keys are in use)."""
+        auth = frozenset({"authorization"})
+        self._request_drop = self._request_drop | auth if on else self._request_drop - auth
 
     def notify(self) -> None:
         """The table changed: wake every request queued for a backend."""
@@ -380,6 +386,11 @@ class Proxy:
             if k.lower() not in drop:
                 out.add(k, v)
         out[BACKEND_HEADER] = b.key
+        sse = up.content_type == "text/event-stream"
+        # The usage chunk asked for on a key's behalf, which its client did not ask for.
+        hide = request.get(HIDE_USAGE) if sse else None
+        if hide is not None:
+            out.popall("Content-Length", None)
         tap = request.get(TAP)
         if tap is not None:
             out.update(tap.headers)
@@ -400,7 +411,7 @@ class Proxy:
             async with asyncio.timeout(None) as timer:
                 if first:
                     timer.reschedule(loop.time() + s.client_write_timeout)
-                    await resp.write(first)
+                    await resp.write(first if hide is None else hide.feed(first))
                     if tap is not None:
                         tap.chunk(first)
                 while True:
@@ -410,11 +421,13 @@ class Proxy:
                     writing = True
                     timer.reschedule(loop.time() + s.client_write_timeout)
                     if not chunk:
+                        if hide is not None:
+                            await resp.write(hide.flush())
                         await resp.write_eof()
                         if sse:
                             self._stream_done(b, events, self.clock() - first_at)
                         return resp, True
-                    await resp.write(chunk)
+                    await resp.write(chunk if hide is None else hide.feed(chunk))
                     if sse:
                         events += chunk.count(b"data:")
                     if tap is not None:
