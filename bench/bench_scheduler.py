@@ -9,7 +9,12 @@ three paths in interleaved rounds (so drift on a shared machine hits all three a
 - streaming time to first token at concurrency 1,
 - CPU seconds per 1,000 requests of the proxy process (from /proc/PID/stat).
 
-    .venv/bin/python -m bench.bench_scheduler [--rounds 3] [--json out.json]
+    .venv/bin/python -m bench.bench_scheduler [--rounds 3] [--json out.json] [--keys]
+
+``--keys`` adds a fourth path: a second scheduler process whose etcd prefix holds 1,000 API
+keys (docs/keys.md), every one with rpm, tpm and max_parallel limits set (high enough never to
+refuse, so every check runs), driven with one of those keys; its added p50 is reported against
+the keys-off scheduler's.
 
 Prints a Markdown table (docs/benchmarks.md keeps a copy). Nothing here is asserted.
 """
@@ -33,11 +38,12 @@ from pathlib import Path
 import aiohttp
 
 from common.keys import Keys
-from common.records import BackendRecord, dump
+from common.records import BackendRecord, KeyRecord, dump
 from common.store import EtcdStore
 from devtools.services import EtcdServer, free_port, wait_until
 from devtools.simproc import SimProcess
 from devtools.stats import percentile
+from scheduler.apikeys import hash_key, new_key
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -47,6 +53,8 @@ STREAM_BODY = json.dumps({"model": MODEL, "prompt": "hello", "max_tokens": 4,
                           "stream": True}).encode()
 HEADERS = {"Content-Type": "application/json"}
 PATH = "/v1/completions"
+KEYS_PREFIX = "/aivmm-keys/v1"
+N_KEYS = 1000
 
 
 def cpu_seconds(pid: int) -> float:
@@ -65,10 +73,12 @@ class Path_:
     ttft: list[float] = field(default_factory=list)
     cpu: float = 0.0
     requests: int = 0
+    headers: dict[str, str] = field(default_factory=lambda: dict(HEADERS))
 
 
 async def load(session: aiohttp.ClientSession, url: str, concurrency: int, n: int,
-               stream: bool = False) -> tuple[list[float], float]:
+               stream: bool = False, headers: dict[str, str] = HEADERS
+               ) -> tuple[list[float], float]:
     """``n`` requests over ``concurrency`` workers: (latencies or TTFTs, elapsed)."""
     latencies: list[float] = []
     left = n
@@ -79,7 +89,7 @@ async def load(session: aiohttp.ClientSession, url: str, concurrency: int, n: in
             left -= 1
             t0 = time.perf_counter()
             async with session.post(url + PATH, data=STREAM_BODY if stream else BODY,
-                                    headers=HEADERS) as r:
+                                    headers=headers) as r:
                 if r.status != 200:
                     raise RuntimeError(f"{url}: status {r.status}")
                 if stream:
@@ -99,18 +109,18 @@ async def measure(paths: list[Path_], rounds: int, n1: int, n64: int, nstream: i
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=connector) as session:
         for p in paths:  # warm every path (pools, caches, EWMA)
-            await load(session, p.url, 8, 200)
+            await load(session, p.url, 8, 200, headers=p.headers)
         for rnd in range(rounds):
             order = paths[:]
             random.shuffle(order)
             for p in order:
                 cpu0 = cpu_seconds(p.pid) if p.pid else 0.0
-                lat, _ = await load(session, p.url, 1, n1)
+                lat, _ = await load(session, p.url, 1, n1, headers=p.headers)
                 p.c1 += lat
-                lat, elapsed = await load(session, p.url, 64, n64)
+                lat, elapsed = await load(session, p.url, 64, n64, headers=p.headers)
                 p.c64 += lat
                 p.c64_rps.append(n64 / elapsed)
-                lat, _ = await load(session, p.url, 1, nstream, stream=True)
+                lat, _ = await load(session, p.url, 1, nstream, stream=True, headers=p.headers)
                 p.ttft += lat
                 if p.pid:
                     p.cpu += cpu_seconds(p.pid) - cpu0
@@ -146,6 +156,13 @@ def report(paths: list[Path_]) -> tuple[str, dict[str, dict[str, float]]]:
                 f"minimal proxy's (target ≥ 90%); added p50 at c=1 is "
                 f"{sc['added_p50_ms'] - mp['added_p50_ms']:+.3f} ms over the minimal proxy's "
                 f"(target ≤ +0.25 ms).")
+    if "aivmm-scheduler, 1,000 keys" in data:
+        ks = data["aivmm-scheduler, 1,000 keys"]
+        rows.append(f"1,000 keys loaded, limits on: added p50 at c=1 is "
+                    f"{ks['added_p50_ms'] - sc['added_p50_ms']:+.3f} ms over keys off "
+                    f"(goal ≤ +0.05 ms); stream TTFT p50 "
+                    f"{ks['ttft_p50_ms'] - sc['ttft_p50_ms']:+.3f} ms; throughput "
+                    f"{ks['c64_rps'] / sc['c64_rps'] * 100:.0f}% of keys off.")
     return "\n".join(rows), data
 
 
@@ -154,11 +171,33 @@ async def publish(etcd: EtcdServer, sim: SimProcess) -> None:
         record = BackendRecord(node="bench", name="sim", models=[MODEL], url=sim.url,
                                state="ready", engine="sim", probe_latency_ms=1.0,
                                updated_at=time.time())
-        await store.put(Keys("/aivmm/v1").backend("bench", "sim"), dump(record))
+        for prefix in ("/aivmm/v1", KEYS_PREFIX):
+            await store.put(Keys(prefix).backend("bench", "sim"), dump(record))
 
 
-def start(cmd: list[str], url: str, what: str) -> subprocess.Popen[bytes]:
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+async def load_keys(etcd: EtcdServer) -> str:
+    """N_KEYS keys under KEYS_PREFIX, each with every limit on; returns one of them."""
+    keys = Keys(KEYS_PREFIX)
+    chosen = ""
+    async with EtcdStore([etcd.url]) as store:
+        batch: list[tuple[str, bytes]] = []
+        for i in range(N_KEYS):
+            secret = new_key()
+            chosen = chosen or secret
+            record = KeyRecord(name=f"team-{i:04d}", hash=hash_key(secret), prefix=secret[:12],
+                               models=[MODEL, f"other-{i}"], rpm=10**9, tpm=10**12,
+                               max_parallel=10**6, created_at=time.time())
+            batch.append((keys.api_key(record.name), dump(record)))
+            if len(batch) == 100:
+                await store.put_many(batch)
+                batch = []
+    return chosen
+
+
+def start(cmd: list[str], url: str, what: str,
+          env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=env)
 
     def ready() -> bool:
         with urllib.request.urlopen(url, timeout=1) as r:
@@ -174,6 +213,8 @@ def main() -> None:
     parser.add_argument("--n64", type=int, default=3000, help="requests per round at c=64")
     parser.add_argument("--nstream", type=int, default=200, help="streams per round")
     parser.add_argument("--json", help="also write the figures here")
+    parser.add_argument("--keys", action="store_true",
+                        help="also a scheduler with 1,000 keys loaded and limits on")
     args = parser.parse_args()
 
     etcd = EtcdServer()
@@ -198,6 +239,20 @@ def main() -> None:
         paths = [Path_("direct", sim.url, None),
                  Path_("minimal proxy", f"http://127.0.0.1:{mport}", minimal.pid),
                  Path_("aivmm-scheduler", f"http://127.0.0.1:{sport}", sched.pid)]
+        if args.keys:
+            secret = asyncio.run(load_keys(etcd))
+            kport = free_port()
+            keyed = start([sys.executable, "-m", "scheduler.main", "--etcd", etcd.url,
+                           "--listen", f"127.0.0.1:{kport}", "--log-level", "warning"],
+                          f"http://127.0.0.1:{kport}/readyz", "scheduler with keys",
+                          env={**os.environ, "AIVMM_ETCD_PREFIX": KEYS_PREFIX})
+            procs.append(keyed)
+            auth = {**HEADERS, "Authorization": f"Bearer {secret}"}
+            wait_until(lambda: MODEL.encode() in urllib.request.urlopen(urllib.request.Request(
+                f"http://127.0.0.1:{kport}/v1/models", headers=auth), timeout=1).read(),
+                30, "scheduler with keys routes")
+            paths.append(Path_("aivmm-scheduler, 1,000 keys", f"http://127.0.0.1:{kport}",
+                               keyed.pid, headers=auth))
         asyncio.run(measure(paths, args.rounds, args.n1, args.n64, args.nstream))
         table, data = report(paths)
         print(f"{platform.node()}: {os.cpu_count()} CPUs, Python {platform.python_version()}, "

@@ -243,6 +243,12 @@ background:var(--info)}.dim{color:var(--dim)}#updated{margin-left:auto;color:var
 <th>state</th><th>engine</th><th class="num">latency ms</th><th class="num">probe ms</th>
 <th class="num">in flight</th><th class="num">queued</th><th class="num">req/s</th>
 <th class="num">cost/Mtok</th><th>error</th></tr></thead><tbody></tbody></table></section>
+<section id="keys-section" hidden><h2>API keys (last 24 h, every replica)</h2>
+<table id="keys"><thead><tr><th>key</th><th>state</th><th>models</th>
+<th class="num">rpm</th><th class="num">tpm</th><th class="num">parallel</th>
+<th class="num">in flight</th><th class="num">requests</th><th class="num">errors</th>
+<th class="num">rate limited</th><th class="num">prompt tok</th><th class="num">completion tok</th>
+</tr></thead><tbody></tbody></table></section>
 <section><h2>Last changes</h2><table id="audit"><thead><tr><th>when</th><th>actor</th>
 <th>verb</th><th>target</th><th>detail</th></tr></thead><tbody></tbody></table></section>
 <section><h2>Recent failovers</h2><table id="failovers"><thead><tr><th>when</th><th>model</th>
@@ -329,6 +335,15 @@ function render(c) {
   rows("#failovers", c.failovers.slice(0, 15), (f) => `<tr>
     <td>${esc(new Date(f.at * 1000).toLocaleTimeString())}</td><td>${esc(f.model)}</td>
     <td>${esc(f.backend)}</td><td>${esc(f.reason)}</td></tr>`, "none recently");
+  // Per-key usage: only in the answer to an operator key (docs/keys.md).
+  $("#keys-section").hidden = !c.keys;
+  if (c.keys) rows("#keys", c.keys, (k) => `<tr><td>${esc(k.name)}</td><td>${pill(k.state)}</td>
+    <td>${esc(k.models.join(", ") || "all")}</td><td class="num">${k.rpm ?? "-"}</td>
+    <td class="num">${k.tpm ?? "-"}</td><td class="num">${k.max_parallel ?? "-"}</td>
+    <td class="num">${k.inflight}</td><td class="num">${k.usage.requests}</td>
+    <td class="num">${k.usage.errors}</td><td class="num">${k.usage.rate_limited}</td>
+    <td class="num">${k.usage.prompt_tokens}</td>
+    <td class="num">${k.usage.completion_tokens}</td></tr>`, "no keys (aivmmctl keys create)");
   rows("#audit", c.audit || [], (e) => `<tr>
     <td>${esc(new Date(e.time * 1000).toLocaleString())}</td><td>${esc(e.actor)}</td>
     <td>${esc(e.verb)}</td><td>${esc(e.target)}</td>

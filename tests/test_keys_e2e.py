@@ -183,6 +183,32 @@ async def _models(client: openai.AsyncOpenAI) -> bool:
         return False
 
 
+async def test_status_page_shows_per_key_usage_to_operator_keys_only(
+        etcd_server: EtcdServer, fleet: tuple[str, list[SchedulerProcess]]) -> None:
+    prefix, scheds = fleet
+    ops = await create(etcd_server.url, prefix, "ops", "--operator")
+    plain = await create(etcd_server.url, prefix, "plain", "--rpm", "1000")
+    await wait_key(scheds, plain)  # one request of "plain" on each replica
+    async with aiohttp.ClientSession() as session:
+        async def cluster(key: str) -> dict[str, object]:
+            async with session.get(scheds[0].url + "/v1/cluster",
+                                   headers={"Authorization": f"Bearer {key}"}) as r:
+                assert r.status == 200
+                return dict(await r.json())
+        assert "keys" not in await cluster(plain)
+        row: dict[str, object] = {}
+
+        async def shown() -> bool:
+            nonlocal row
+            keys = await cluster(ops)
+            row = next(k for k in keys["keys"] if k["name"] == "plain")  # type: ignore[attr-defined]
+            return row["usage"]["requests"] == 2  # type: ignore[index]
+        await until(shown, 10.0, "both replicas' usage on the page")
+        assert row["rpm"] == 1000 and row["state"] == "active" and "hash" not in row
+        async with session.get(scheds[0].url + "/") as r:
+            assert "keys-section" in await r.text()
+
+
 async def wait_key(scheds: list[SchedulerProcess], key: str) -> None:
     async with aiohttp.ClientSession() as session:
         for s in scheds:
