@@ -19,7 +19,8 @@ artefacts, each built once and cached under ``~/.cache/aivmm`` (``AIVMM_CACHE`` 
    ``llamacpp:requests_deferred``) counted from the requests in flight (llama_cpp.server
    runs one at a time behind a lock; the others wait). It also turns off llama_cpp.server's
    ``interrupt_requests``, which ends a streamed answer early whenever another request waits
-   for the model (the agent's probe of ``/v1/models`` does, every probe interval).
+   for the model (the agent's probe of ``/v1/models`` does, every probe interval). Like
+   llama-server it takes the clients' key from ``--api-key`` or ``LLAMA_ARG_API_KEY``.
 
 And **the model** (``models/tiny-llama-<seed>.gguf``): a llama-architecture GGUF written with
 the ``gguf`` package: 4 layers, width 128, a 512-token SentencePiece-style vocabulary (the
@@ -133,6 +134,7 @@ def site_dir(*, quiet: bool = False) -> Path:
 SHIM = r'''"""llama-server's command line on llama_cpp.server (devtools/llamacpp.py)."""
 
 import argparse
+import os
 import sys
 
 import uvicorn
@@ -154,6 +156,7 @@ def main() -> None:
     p.add_argument("-t", "--threads", type=int, default=2)
     p.add_argument("-ngl", "--n-gpu-layers", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--api-key", default=os.environ.get("LLAMA_ARG_API_KEY"))
     a = p.parse_args()
     settings = Settings(model=a.model, model_alias=a.alias or a.model, host=a.host,
                         port=a.port, n_ctx=a.ctx_size, n_threads=a.threads,
@@ -162,7 +165,7 @@ def main() -> None:
                         # By default a request waiting for the model (the agent's probe of
                         # /v1/models is one) cuts a streamed answer short; llama-server never
                         # does that.
-                        interrupt_requests=False)
+                        interrupt_requests=False, api_key=a.api_key or None)
     app = create_app(settings=settings)  # loads the model: listening means ready
     flight = {"n": 0}
 
