@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import socket
 from typing import Literal
@@ -42,6 +43,24 @@ def cpuset_cores(value: str) -> set[int]:
         low, _, high = part.partition("-")
         out.update(range(int(low), int(high or low) + 1))
     return out
+
+
+# Mounted into every engine (read-only): never the root or a system directory
+# (docs/security.md).
+_SYSTEM_DIRS = ("/", "/bin", "/boot", "/dev", "/etc", "/home", "/lib", "/lib64", "/opt",
+                "/proc", "/root", "/run", "/sbin", "/srv", "/sys", "/tmp", "/usr", "/var",
+                "/var/lib", "/var/run", "/var/log")
+_SYSTEM_TREES = ("/boot", "/dev", "/etc", "/proc", "/root", "/run", "/sys", "/var/run",
+                 "/var/lib/docker", "/usr", "/bin", "/sbin", "/lib")
+
+
+def _models_dir(value: str) -> str | None:
+    if not value.startswith("/"):
+        return "an absolute path"
+    norm = os.path.normpath(value)
+    if norm in _SYSTEM_DIRS or any(norm.startswith(t + "/") for t in _SYSTEM_TREES):
+        return "a directory of models, not / or a system directory"
+    return None
 
 
 def _port_range(value: str) -> str | None:
@@ -105,8 +124,7 @@ class AgentConfig(DaemonConfig):
     probe_interval: float = setting(2.0, check=positive)
     docker_host: str | None = setting(None)
     # Absolute: Docker would take a relative name for a named volume and mount it empty.
-    models_dir: str = setting("/var/lib/aivmm/models",
-                              check=lambda v: None if v.startswith("/") else "an absolute path")
+    models_dir: str = setting("/var/lib/aivmm/models", check=_models_dir)
     sysfs_root: str = setting("/sys")
     # Intel drivers report memory in use only per client, in DRM fdinfo under /proc; reading
     # it needs the host's PID namespace, so it is opt-in (set "/proc") rather than a guess.
@@ -121,6 +139,9 @@ class AgentConfig(DaemonConfig):
     # Ports the agent gives to deployment replicas (pinned backends keep their own ports).
     assignment_ports: str = setting("20000-20999", check=_port_range)
     backend: list[BackendConfig] = setting([])
+    # The key engines demand of clients (their --api-key; docs/security.md): only the
+    # schedulers, which have the same file, present it. A file, never the config itself.
+    engine_api_key_file: str | None = setting(None)
     # Fetching models into models_dir before an engine starts (docs/models.md).
     fetch_models: bool = setting(True)
     # The hub (or a mirror); unset: HF_ENDPOINT, else https://huggingface.co.
@@ -140,6 +161,8 @@ class AgentConfig(DaemonConfig):
 
     def __post_init__(self) -> None:
         DaemonConfig.__post_init__(self)  # the etcd_* checks
+        if self.engine_api_key_file is not None and not self.engine_api_key:
+            raise ValueError("engine_api_key_file: a readable file holding the key")
         if self.heartbeat_interval * 2 > self.lease_ttl:
             raise ValueError("heartbeat_interval: a number at most lease_ttl / 2")
         names = [b.name for b in self.backend]
@@ -153,6 +176,17 @@ class AgentConfig(DaemonConfig):
             raise ValueError(f"backend: ports outside assignment_ports ({low}-{high})")
         if not self.node_name:
             object.__setattr__(self, "node_name", socket.gethostname().split(".")[0])
+
+    @property
+    def engine_api_key(self) -> str | None:
+        """The engine key from engine_api_key_file (None when unset or unreadable)."""
+        if self.engine_api_key_file is None:
+            return None
+        try:
+            with open(self.engine_api_key_file, encoding="utf-8") as fh:
+                return fh.read().strip() or None
+        except OSError:
+            return None
 
     @property
     def port_range(self) -> tuple[int, int]:

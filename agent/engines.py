@@ -40,6 +40,11 @@ class Profile:
     api_path: str = "/v1"
     # An explicit entrypoint for images whose own one is not the server.
     entrypoint: list[str] | None = None
+    # docs/security.md: the environment variable through which the engine takes the key it
+    # demands of clients (None: the engine has no such variable, so no key is set), and
+    # the capabilities it needs back after every one is dropped (none known so far).
+    api_key_env: str | None = None
+    cap_add: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +57,8 @@ class Launch:
     env: dict[str, str]
     health_path: str
     api_path: str = "/v1"
+    api_key_env: str | None = None
+    cap_add: tuple[str, ...] = ()
 
 
 def _vllm_args(model: str, host: str, port: int) -> list[str]:
@@ -114,12 +121,12 @@ _LLAMACPP_BUILD = "b11382"
 # its config. docs/engines.md gives the source and the date each tag and flag was checked.
 PROFILES: dict[tuple[str, Vendor | None], Profile] = {
     ("vllm", "nvidia"): Profile("vllm", "nvidia", "vllm/vllm-openai:v0.31.0", _vllm_args,
-                                env=dict(_OFFLINE), entrypoint=_VLLM),
+                                env=dict(_OFFLINE), entrypoint=_VLLM, api_key_env="VLLM_API_KEY"),
     ("vllm", "amd"): Profile("vllm", "amd", "vllm/vllm-openai-rocm:v0.31.0", _vllm_args,
-                             env=dict(_OFFLINE), entrypoint=_VLLM),
+                             env=dict(_OFFLINE), entrypoint=_VLLM, api_key_env="VLLM_API_KEY"),
     ("vllm", "intel"): Profile("vllm", "intel", "vllm/vllm-openai-xpu:v0.31.0", _vllm_args,
                                env={**_OFFLINE, "VLLM_WORKER_MULTIPROC_METHOD": "spawn"},
-                               entrypoint=_VLLM),
+                               entrypoint=_VLLM, api_key_env="VLLM_API_KEY"),
     ("sglang", "nvidia"): Profile("sglang", "nvidia", "lmsysorg/sglang:v0.5.21", _sglang_args,
                                   env=dict(_OFFLINE), entrypoint=_SGLANG),
     ("sglang", "amd"): Profile("sglang", "amd", "lmsysorg/sglang:v0.5.21-rocm10-mi30x",
@@ -129,18 +136,19 @@ PROFILES: dict[tuple[str, Vendor | None], Profile] = {
         health_path="/v2/health/ready", env={"HF_HUB_OFFLINE": "1"}, api_path="/v3"),
     ("llamacpp", "nvidia"): Profile("llamacpp", "nvidia",
                                     f"{_LLAMACPP}:server-cuda-{_LLAMACPP_BUILD}",
-                                    _llamacpp_gpu_args),
+                                    _llamacpp_gpu_args, api_key_env="LLAMA_ARG_API_KEY"),
     ("llamacpp", "amd"): Profile("llamacpp", "amd", f"{_LLAMACPP}:server-rocm-{_LLAMACPP_BUILD}",
-                                 _llamacpp_gpu_args),
+                                 _llamacpp_gpu_args, api_key_env="LLAMA_ARG_API_KEY"),
     # SYCL (oneAPI) for Intel; the Vulkan image (server-vulkan-...) runs on any of the three
     # vendors and is a custom `image` away.
     ("llamacpp", "intel"): Profile("llamacpp", "intel",
                                    f"{_LLAMACPP}:server-intel-{_LLAMACPP_BUILD}",
-                                   _llamacpp_gpu_args),
+                                   _llamacpp_gpu_args, api_key_env="LLAMA_ARG_API_KEY"),
     ("llamacpp", None): Profile("llamacpp", None, f"{_LLAMACPP}:server-{_LLAMACPP_BUILD}",
-                                _llamacpp_args),
+                                _llamacpp_args, api_key_env="LLAMA_ARG_API_KEY"),
     # The sim image's own entrypoint runs the server (devtools/image.py builds it).
-    ("sim", None): Profile("sim", None, "aivmm-sim:latest", _sim_args),
+    ("sim", None): Profile("sim", None, "aivmm-sim:latest", _sim_args,
+                           api_key_env="SIM_API_KEY"),
 }
 
 # The image each docker/<folder>/Dockerfile builds on: one folder per profile with an
@@ -206,7 +214,7 @@ def resolve(backend: BackendConfig, vendor: Vendor | None, bind_host: str) -> La
     command = [*profile.args(backend.model, bind_host, backend.port), *backend.args]
     return Launch(image, profile.entrypoint, command, {**profile.env, **backend.env},
                   backend.health_path or profile.health_path,
-                  backend.api_path or profile.api_path)
+                  backend.api_path or profile.api_path, profile.api_key_env, profile.cap_add)
 
 
 def share_args(engine: str, fraction: float) -> list[str]:

@@ -388,7 +388,8 @@ class Supervisor:
                           a.vendor if real else None, models_dir=self.config.models_dir,
                           advertise_host=self.config.advertise_host, node_gpus=gpus,
                           deployment=a.deployment,
-                          device_gids=_device_gids(chosen) if real else None)
+                          device_gids=_device_gids(chosen) if real else None,
+                          engine_api_key=self.config.engine_api_key)
 
     @staticmethod
     def _cores() -> set[int]:
@@ -433,7 +434,8 @@ class Supervisor:
                 specs[b.name] = build_spec(
                     self.node, b, p.gpus, p.vendor, models_dir=self.config.models_dir,
                     advertise_host=self.config.advertise_host, node_gpus=gpus,
-                    device_gids=_device_gids(p.gpus))
+                    device_gids=_device_gids(p.gpus),
+                    engine_api_key=self.config.engine_api_key)
             except EngineError as err:
                 s.spec = None
                 self._set(s, "stopped", str(err))

@@ -14,9 +14,12 @@ import contextlib
 import logging
 import signal
 import socket
+import ssl
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
 
 from common.tasks import GUARD, Guard
 
@@ -102,14 +105,99 @@ class _InFlight:
                 self.idle.set()
 
 
+class _HeaderDeadline(asyncio.Protocol):
+    """aiohttp's protocol for one connection, with a deadline on each request's headers.
+
+    aiohttp closes a connection idle for ``keepalive_timeout`` but has no limit on how long
+    the headers of a request may take to arrive, so a client trickling them (slowloris) holds
+    its connection and a descriptor for that long. This wrapper starts a timer when bytes of
+    a new request arrive while the handler waits for one, stops it when the headers are
+    complete (aiohttp has parsed a message), and closes the connection when it fires. It
+    reads two private attributes of aiohttp's RequestHandler (``_request_count``,
+    ``_waiter``); tests/test_hardening.py fails if they change meaning.
+    """
+
+    def __init__(self, inner: RequestHandler, timeout: float) -> None:
+        self.inner = inner
+        self.timeout = timeout
+        self.transport: asyncio.Transport | None = None
+        self.timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.inner.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        before = self.inner._request_count
+        self.inner.data_received(data)
+        if self.inner._request_count != before:
+            self._stop()  # the headers of a request are complete
+        elif self.timer is None and self.inner._waiter is not None:
+            # Bytes of a request whose headers are not complete, while no request runs.
+            self.timer = asyncio.get_running_loop().call_later(self.timeout, self._expire)
+
+    def _expire(self) -> None:
+        self.timer = None
+        if self.transport is not None and not self.transport.is_closing():
+            log.info("closing a connection whose request headers did not arrive in %.0fs",
+                     self.timeout)
+            self.transport.close()
+
+    def _stop(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def eof_received(self) -> bool | None:
+        return self.inner.eof_received()  # type: ignore[func-returns-value]
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._stop()
+        self.inner.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.inner.resume_writing()
+
+
+class _Site(web.SockSite):
+    """A SockSite whose connections have a header deadline (when one is given)."""
+
+    __slots__ = ("_header_timeout",)
+
+    def __init__(self, runner: web.BaseRunner, sock: socket.socket, *,
+                 header_timeout: float | None, **kwargs: Any) -> None:
+        super().__init__(runner, sock, **kwargs)
+        self._header_timeout = header_timeout
+
+    async def start(self) -> None:
+        if self._header_timeout is None:
+            return await super().start()
+        await web.BaseSite.start(self)
+        server = self._runner.server
+        assert server is not None
+        timeout = self._header_timeout
+        self._server = await asyncio.get_running_loop().create_server(
+            lambda: _HeaderDeadline(server(), timeout), sock=self._sock,
+            ssl=self._ssl_context, backlog=self._backlog)
+
+
 async def serve(app: web.Application, listen: str, *, reuse_port: bool = False,
                 handler_cancellation: bool = False,
-                shutdown_timeout: float = SHUTDOWN_TIMEOUT_S) -> int:
+                shutdown_timeout: float = SHUTDOWN_TIMEOUT_S,
+                keepalive_timeout: float | None = None, header_timeout: float | None = None,
+                ssl_context: ssl.SSLContext | None = None,
+                reload: Callable[[], None] | None = None) -> int:
     """Serve ``app`` on ``listen`` until SIGTERM/SIGINT (exit 0) or a task ends (exit 1).
 
     Exits 1 at once, before any of the app's start-up runs, when ``listen`` cannot be bound.
     The app's ``cleanup_ctx`` spawn their loops into ``app[GUARD]`` and undo their work on
     the way out, so stopping is the same path whatever the reason.
+
+    ``keepalive_timeout`` closes idle connections, ``header_timeout`` those whose request
+    headers do not arrive in time; ``ssl_context`` serves TLS; ``reload`` runs on SIGHUP.
     """
     try:
         sockets = bind(listen, reuse_port=reuse_port)
@@ -129,13 +217,19 @@ async def serve(app: web.Application, listen: str, *, reuse_port: bool = False,
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if reload is not None:
+        loop.add_signal_handler(signal.SIGHUP, reload)
+    extra: dict[str, Any] = {}
+    if keepalive_timeout is not None:
+        extra["keepalive_timeout"] = keepalive_timeout
     runner = web.AppRunner(app, handle_signals=False, access_log=None,
                            handler_cancellation=handler_cancellation,
-                           shutdown_timeout=CUT_OFF_S)
+                           shutdown_timeout=CUT_OFF_S, **extra)
     try:
         await runner.setup()
         for sock in sockets:
-            await web.SockSite(runner, sock, backlog=_BACKLOG).start()
+            await _Site(runner, sock, backlog=_BACKLOG, ssl_context=ssl_context,
+                        header_timeout=header_timeout).start()
         log.info("listening", extra={"listen": listen})
         app[LISTENING].set()
         stopped = asyncio.create_task(stop.wait())
@@ -161,3 +255,5 @@ async def serve(app: web.Application, listen: str, *, reuse_port: bool = False,
             sock.close()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
+        if reload is not None:
+            loop.remove_signal_handler(signal.SIGHUP)

@@ -7,6 +7,7 @@ ones are shared (:mod:`common.contexts`).
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import socket
@@ -22,7 +23,7 @@ from common.daemon import STOPPING
 from common.keys import Keys
 from common.metrics import REGISTRY, handle_metrics
 from common.tasks import GUARD
-from scheduler import status
+from scheduler import hardening, status
 from scheduler.apikeys import (
     CALLER,
     KeyCollector,
@@ -37,6 +38,7 @@ from scheduler.deployed import DeployedModels
 from scheduler.errors import error_response
 from scheduler.load import LoadPublisher
 from scheduler.metrics import SchedulerMetrics
+from scheduler.netpolicy import networks
 from scheduler.placer.service import Placer
 from scheduler.proxy import Proxy, ProxySettings, parse_request
 from scheduler.registry import Registry
@@ -98,8 +100,14 @@ async def _admit(request: web.Request) -> web.Response | tuple[bytes, str]:
     limit = app[CONFIG].max_body_bytes
     if request.content_length is not None and request.content_length > limit:
         return error_response(413, f"request body over {limit} bytes", "body_too_large")
+    refused = hardening.refuse_content_type(request)
+    if refused is not None:
+        return refused
     try:
-        body = await request.read()
+        async with asyncio.timeout(app[CONFIG].body_timeout):
+            body = await request.read()
+    except TimeoutError:
+        return await hardening.body_timed_out(request, app[CONFIG].body_timeout)
     except web.HTTPRequestEntityTooLarge:
         return error_response(413, f"request body over {limit} bytes", "body_too_large")
     model, why = parse_request(body)
@@ -195,7 +203,11 @@ async def handle_metrics_fresh(request: web.Request) -> web.Response:
 async def handle_status(request: web.Request) -> web.Response:
     """GET /: the status page; it holds no data (that is /v1/cluster), so needs no key."""
     return web.Response(text=status.PAGE, content_type="text/html",
-                        headers={"Cache-Control": "no-cache"})
+                        headers={"Cache-Control": "no-cache", **PAGE_HEADERS})
+
+
+# CSP (the page's own script by hash), no framing, no sniffing (docs/security.md).
+PAGE_HEADERS = hardening.page_headers(status.PAGE)
 
 
 async def handle_cluster(request: web.Request) -> web.Response:
@@ -368,6 +380,14 @@ def table_loaded(app: web.Application) -> bool:
     return app[REGISTRY_VIEW].synced
 
 
+def engine_key(config: SchedulerConfig) -> str | None:
+    """The key the engines demand (engine_api_key_file), or None."""
+    if config.engine_api_key_file is None:
+        return None
+    with open(config.engine_api_key_file, encoding="utf-8") as fh:
+        return fh.read().strip()
+
+
 def build_app(config: SchedulerConfig) -> web.Application:
     """The scheduler application; a ``STORE`` or ``NOTIFIER`` set before start-up is used as
     it is (and not closed), else they are made from config and the environment."""
@@ -386,12 +406,16 @@ def build_app(config: SchedulerConfig) -> web.Application:
         connect_timeout=config.connect_timeout, first_byte_timeout=config.first_byte_timeout,
         stream_idle_timeout=config.stream_idle_timeout, request_timeout=config.request_timeout,
         queue_timeout=config.queue_timeout, max_attempts=config.max_attempts,
-        strip_authorization=bool(keys), client_write_timeout=config.client_write_timeout))
+        strip_authorization=bool(keys), client_write_timeout=config.client_write_timeout,
+        hide_names=config.hide_internal_names,
+        max_connections_per_backend=config.max_connections_per_backend,
+        engine_api_key=engine_key(config)))
     ring = KeyRing(Keys(config.etcd_prefix), keys, replica=load_replica(config),
                    on_bad_record=metrics.bad_records.inc, on_enabled=proxy.strip_authorization)
     registry = Registry(router, Keys(config.etcd_prefix), on_change=proxy.notify,
                         on_bad_record=metrics.bad_records.inc,
-                        on_reset=metrics.etcd_resyncs.inc)
+                        on_reset=metrics.etcd_resyncs.inc,
+                        networks=networks(config.backend_networks))
     app[CONFIG] = config
     app[ROUTER] = router
     app[PROXY] = proxy
@@ -410,6 +434,11 @@ def build_app(config: SchedulerConfig) -> web.Application:
         replica=f"{socket.gethostname()}-{os.getpid()}-{config.listen.rpartition(':')[2]}",
         on_bad_record=metrics.bad_records.inc)
     app[REGISTRY] = metrics.registry
+    hardening.install(app, max_concurrent=config.max_concurrent_requests,
+                      hide_names=config.hide_internal_names,
+                      metrics_networks=config.metrics_networks,
+                      backend_networks=config.backend_networks, registry=metrics.registry,
+                      on_stop=[proxy.cut_streams])
     for path in OPENAI_POST_PATHS:
         app.router.add_post(path, handle_openai)
     app.router.add_get("/v1/models", handle_models)

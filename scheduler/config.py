@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from common.config import DaemonConfig, host_port, positive, setting
+from scheduler.netpolicy import cidr_list
 
 
 def _keys(value: list[str]) -> str | None:
@@ -71,12 +72,54 @@ class SchedulerConfig(DaemonConfig):
     key_usage_keep_days: float = setting(90.0, check=positive)
     # The audit trail (docs/operations.md): the placer deletes entries older than this many
     # days, or beyond this many (oldest first).
+    # Hardening (docs/security.md). Backend records are routed only to hosts in these
+    # networks (CIDRs; [] = any but link-local, with a warning at start).
+    backend_networks: list[str] = setting([], check=cidr_list)
+    # Client connections: idle keep-alive, the whole header and the whole body must arrive
+    # within these (408 for a body), and at most this many requests are served at once
+    # (503 + Retry-After beyond; 0 = no cap). Connections to each backend are capped too.
+    keepalive_timeout: float = setting(75.0, check=positive)
+    header_timeout: float = setting(10.0, check=positive)
+    body_timeout: float = setting(30.0, check=positive)
+    max_concurrent_requests: int = setting(
+        4096, check=lambda v: None if v >= 0 else "an integer >= 0")
+    max_connections_per_backend: int = setting(
+        256, check=lambda v: None if v >= 0 else "an integer >= 0")
+    # A TLS listener: certificate chain and key (PEM), re-read on SIGHUP.
+    tls_cert: str | None = setting(None)
+    tls_key: str | None = setting(None)
+    # Stopping: requests in flight get this long, then streams end with an SSE error event.
+    # Keep it below the unit's TimeoutStopSec (20 s).
+    shutdown_timeout: float = setting(
+        15.0, check=lambda v: None if 0 < v <= 18 else "seconds in 0..18 (TimeoutStopSec=20)")
+    # No node or backend names to clients: no x-aivmm-backend header, none in errors, and
+    # /metrics only to addresses in metrics_networks (CIDRs; [] = any).
+    hide_internal_names: bool = setting(False)
+    metrics_networks: list[str] = setting([], check=cidr_list)
+    # The key engines demand (their --api-key), presented by the scheduler as a Bearer token.
+    engine_api_key_file: str | None = setting(None)
     audit_keep_days: float = setting(30.0, check=positive)
     audit_keep_entries: int = setting(
         10_000, check=lambda v: None if v >= 1 else "an integer >= 1")
 
     def __post_init__(self) -> None:
         DaemonConfig.__post_init__(self)  # the etcd_* checks
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_key: a file (tls_cert and tls_key go together)")
+        if self.tls_cert is not None:
+            from scheduler.tls import tls_context
+            made = tls_context(self.tls_cert, str(self.tls_key))
+            if isinstance(made, str):
+                raise ValueError(f"tls_key: {made}")
+        if self.engine_api_key_file is not None:
+            try:
+                with open(self.engine_api_key_file, encoding="utf-8") as fh:
+                    if not fh.read().strip():
+                        raise ValueError("engine_api_key_file: a file holding the key "
+                                         "(it is empty)")
+            except OSError as err:
+                raise ValueError(f"engine_api_key_file: a readable file "
+                                 f"({err.strerror})") from None
         if self.api_keys_file is not None:
             try:
                 with open(self.api_keys_file, encoding="utf-8") as fh:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import sys
 from collections.abc import Coroutine
 from typing import Any
@@ -10,6 +11,7 @@ from typing import Any
 from common import logs
 from common.cli import daemon_parser, load_or_exit
 from common.daemon import serve
+from scheduler import tls
 from scheduler.app import build_app
 from scheduler.config import SchedulerConfig
 
@@ -24,9 +26,18 @@ def main(argv: list[str] | None = None) -> int:
     config = load_or_exit(SchedulerConfig, args, prog=PROG)
     logs.setup(config.log_level, config.log_format)
     app = build_app(config)
+    context, reload = None, None
+    if config.tls_cert is not None and config.tls_key is not None:
+        made = tls.tls_context(config.tls_cert, config.tls_key)
+        assert not isinstance(made, str)  # the config check made one already
+        context = made
+        reload = functools.partial(tls.reloader, made, config.tls_cert, config.tls_key)
     # A client that disconnects must stop its upstream request at once.
     return _run(serve(app, config.listen, reuse_port=config.reuse_port,
-                      handler_cancellation=True))
+                      handler_cancellation=True, shutdown_timeout=config.shutdown_timeout,
+                      keepalive_timeout=config.keepalive_timeout,
+                      header_timeout=config.header_timeout, ssl_context=context,
+                      reload=reload))
 
 
 def _run(main: Coroutine[Any, Any, int]) -> int:

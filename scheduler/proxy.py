@@ -58,6 +58,11 @@ class ProxySettings:
     max_attempts: int = 3
     strip_authorization: bool = False
     client_write_timeout: float = 30.0
+    # docs/security.md: no backend names to clients; connections per backend; the key the
+    # engines demand, presented instead of the client's Authorization.
+    hide_names: bool = False
+    max_connections_per_backend: int = 0
+    engine_api_key: str | None = None
 
 
 class _Failed(Exception):
@@ -100,8 +105,14 @@ class Proxy:
         self.clock = clock
         self.session: aiohttp.ClientSession | None = None
         self._changed = asyncio.Event()
-        self._request_drop = _DROP_REQUEST | (frozenset({"authorization"})
-                                              if settings.strip_authorization else frozenset())
+        self._request_drop = _DROP_REQUEST | (
+            frozenset({"authorization"})
+            if settings.strip_authorization or settings.engine_api_key else frozenset())
+        self._engine_auth = (None if settings.engine_api_key is None
+                             else ("Authorization", f"Bearer {settings.engine_api_key}"))
+        # Upstream responses being relayed; cut (with an SSE error event) when stopping.
+        self._relaying: set[aiohttp.ClientResponse] = set()
+        self.stopping = False
         # prometheus label lookups take a lock and build tuples; cache the children.
         self._req_children: dict[tuple[str, str, int], object] = {}
         # (model, backend, reason) of each failover, for the status page's recent list.
@@ -119,7 +130,9 @@ class Proxy:
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def open(self) -> None:
-        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=30)
+        connector = aiohttp.TCPConnector(
+            limit=0, limit_per_host=self.settings.max_connections_per_backend,
+            ttl_dns_cache=300, keepalive_timeout=30)
         self.session = aiohttp.ClientSession(
             # Bodies pass through undecoded, so ask for no encoding the client did not ask for.
             connector=connector, auto_decompress=False,
@@ -136,6 +149,13 @@ class Proxy:
         """Keep the client's Authorization header from the backends (keys are in use)."""
         auth = frozenset({"authorization"})
         self._request_drop = self._request_drop | auth if on else self._request_drop - auth
+
+    def cut_streams(self) -> None:
+        """The scheduler stops and the drain is over: end every relay still running (an SSE
+        stream gets an error event, not a cut); the backends are not blamed."""
+        self.stopping = True
+        for up in list(self._relaying):
+            up.close()
 
     def notify(self) -> None:
         """The table changed: wake every request queued for a backend."""
@@ -236,6 +256,8 @@ class Proxy:
                         headers={"Retry-After": "1"})
             drop = _drop_set(request.headers, self._request_drop)
             headers = [(k, v) for k, v in request.headers.items() if k.lower() not in drop]
+            if self._engine_auth is not None:
+                headers.append(self._engine_auth)
             # The relative URL, not raw_path: for an absolute-form target
             # ("POST http://host/v1/...") raw_path is the whole URL.
             url_path = str(request.rel_url)
@@ -285,7 +307,8 @@ class Proxy:
                         break
                     b = nxt
             status = 504 if last is not None and last.timeout else 502
-            return error_response(status, f"backend {backend_key} failed: {last}",
+            who = "a backend" if s.hide_names else f"backend {backend_key}"
+            return error_response(status, f"{who} failed: {last}",
                                   "upstream_failed",
                                   headers={BACKEND_HEADER: backend_key})
         except asyncio.CancelledError:
@@ -395,6 +418,7 @@ class Proxy:
         if tap is not None:
             out.update(tap.headers)
         await resp.prepare(request)
+        self._relaying.add(up)
         loop = asyncio.get_running_loop()
         # The loop's clock and self.clock may differ; carry the deadline over as a remainder.
         end = loop.time() + (deadline - self.clock())
@@ -442,7 +466,9 @@ class Proxy:
                 raise _ClientAbort(reason, resp) from err
             if request.transport is None or request.transport.is_closing():
                 raise  # the client left, not the backend: nothing to tell anyone
-            if isinstance(err, TimeoutError) and loop.time() >= end:
+            if self.stopping:
+                why = "interrupted: the scheduler is shutting down"
+            elif isinstance(err, TimeoutError) and loop.time() >= end:
                 # The request outlived request_timeout: our limit, not the backend's fault.
                 why = "exceeded request_timeout"
             else:
@@ -456,7 +482,8 @@ class Proxy:
             if sse:
                 try:
                     async with asyncio.timeout(s.client_write_timeout):
-                        await resp.write(sse_error_event(f"backend {b.key} stream {why}"))
+                        who = "the backend" if s.hide_names else f"backend {b.key}"
+                        await resp.write(sse_error_event(f"{who} stream {why}"))
                         await resp.write_eof()
                 except TimeoutError:
                     self._client_abort(request, b, model, "write_timeout")
@@ -467,6 +494,8 @@ class Proxy:
             if request.transport is not None:
                 request.transport.close()
             return resp, False
+        finally:
+            self._relaying.discard(up)
 
     def _stream_done(self, b: Backend, events: int, seconds: float) -> None:
         """A stream ended cleanly: learn the backend's time per output token from it. Its

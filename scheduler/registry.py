@@ -9,12 +9,13 @@ on, and only the health report says the view may be stale.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Protocol
 
 from common.keys import Keys
 from common.records import BackendRecord, RecordError, parse_backend
 from common.store import Event, Reset
+from scheduler.netpolicy import Network, backend_problem
 from scheduler.routing import Router
 
 log = logging.getLogger(__name__)
@@ -30,8 +31,11 @@ class Registry:
     def __init__(self, router: Router, keys: Keys, *,
                  on_change: Callable[[], None] = lambda: None,
                  on_bad_record: Callable[[], None] = lambda: None,
-                 on_reset: Callable[[], None] = lambda: None) -> None:
+                 on_reset: Callable[[], None] = lambda: None,
+                 networks: Sequence[Network] = ()) -> None:
         self.router = router
+        # Where a record may send requests (docs/security.md); [] = anywhere not link-local.
+        self.networks = list(networks)
         self.keys = keys
         self.on_change = on_change
         self.on_bad_record = on_bad_record
@@ -47,6 +51,12 @@ class Registry:
             record = parse_backend(value)
         except RecordError as err:
             log.warning("skipping unusable backend record", extra={"key": key, "error": str(err)})
+            self.on_bad_record()
+            return None
+        problem = backend_problem(record.url, record.api_path, self.networks)
+        if problem is not None:
+            # A record that would send clients' prompts somewhere it must not: never routed.
+            log.warning("skipping backend record: %s", problem, extra={"key": key})
             self.on_bad_record()
             return None
         return f"{names[0]}/{names[1]}", record

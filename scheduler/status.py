@@ -355,12 +355,12 @@ function render(c) {
 async function tick() {
   try {
     const headers = {};
-    const key = localStorage.getItem("aivmm-key");
+    const key = sessionStorage.getItem("aivmm-key");
     if (key) headers.Authorization = "Bearer " + key;
     const r = await fetch("v1/cluster", {headers, cache: "no-store"});
     if (r.status === 401) {
       const k = prompt("API key for this scheduler");
-      if (k) localStorage.setItem("aivmm-key", k);
+      if (k) sessionStorage.setItem("aivmm-key", k);
     } else if (r.ok) {
       render(await r.json());
     } else {

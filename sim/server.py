@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import random
 import socket
 import struct
@@ -116,7 +117,8 @@ def create_app(settings: SimSettings | None = None, *, seed: int | None = None) 
     """
     settings = settings or SimSettings()
     settings.validate()
-    app = web.Application(client_max_size=16 * 1024 * 1024, middlewares=[_starting_up])
+    app = web.Application(client_max_size=16 * 1024 * 1024,
+                          middlewares=[_engine_key, _starting_up])
     app[STATE] = SimState(settings, seed=seed)
     app.on_response_prepare.append(_label_response)
     app.router.add_post("/v1/chat/completions", _chat_completions)
@@ -134,6 +136,18 @@ def create_app(settings: SimSettings | None = None, *, seed: int | None = None) 
 
 async def _stop_engine(app: web.Application) -> None:
     await app[STATE].engine.close()
+
+
+@web.middleware
+async def _engine_key(request: web.Request, handler: Any) -> web.StreamResponse:
+    """The api_key knob, as vLLM's --api-key: the API and the knobs need the key."""
+    key = request.app[STATE].settings.api_key
+    if key and request.path.startswith(("/v1/", "/sim/")) and not hmac.compare_digest(
+            request.headers.get("Authorization", "").encode(), f"Bearer {key}".encode()):
+        return _error(401, "invalid api key", type_="authentication_error",
+                      code="invalid_api_key")
+    response: web.StreamResponse = await handler(request)
+    return response
 
 
 @web.middleware

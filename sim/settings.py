@@ -34,6 +34,9 @@ class SimSettings:
     embedding_dim: int = 64
     max_concurrency: int = 0          # 0: unlimited; beyond it requests wait
     node_label: str = "sim"
+    # Like vLLM's --api-key: /v1/ and /sim/ demand "Authorization: Bearer KEY" ("" = open);
+    # /health and /metrics stay open. Never shown by GET /sim/config.
+    api_key: str = ""
     # The engine model (sim/engine.py). All off by default: with none of them set the sim
     # paces answers by latency_ms and tokens_per_second alone, as it always did.
     profile: str = ""                 # a named device (sim/profiles.py) setting the knobs below
@@ -109,6 +112,7 @@ class SimSettings:
         """The knobs as a JSON-ready dict (what ``GET /sim/config`` returns)."""
         data = dataclasses.asdict(self)
         data["models"] = list(self.models)
+        data["api_key"] = "<set>" if self.api_key else ""
         return data
 
 

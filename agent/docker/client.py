@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 import docker
 import docker.errors
 import requests.exceptions
-from docker.types import DeviceRequest
+from docker.types import DeviceRequest, LogConfig
 
 from agent.docker.observed import ObservedContainer, observe
 from agent.docker.spec import LABEL_MANAGED, LABEL_NODE, ContainerSpec
@@ -131,6 +131,9 @@ class DockerAdapter:
             group_add=spec.group_add or None, volumes=spec.volumes, mem_limit=spec.mem_limit,
             nano_cpus=spec.nano_cpus, cpuset_cpus=spec.cpuset_cpus,
             security_opt=spec.security_opt, privileged=False, device_requests=device_requests(spec),
+            cap_drop=spec.cap_drop, cap_add=spec.cap_add or None, pids_limit=spec.pids_limit,
+            log_config=LogConfig(type=str(spec.log_config["type"]),
+                                 config=spec.log_config["config"]),  # type: ignore[arg-type]
             detach=True)
         return container.id  # type: ignore[return-value]  # stubs: None only before create
 

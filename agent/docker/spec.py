@@ -26,6 +26,10 @@ LABEL_HASH = "aivmm.config-hash"
 LABEL_DEPLOYMENT = "aivmm.deployment"
 LABEL_PORT = "aivmm.port"
 MODELS_MOUNT = "/models"
+# Processes and threads an engine may have (vLLM and SGLang run hundreds of threads).
+PIDS_LIMIT = 4096
+# Docker's json-file log, rotated: three files of 50 MB.
+LOG_CONFIG = {"type": "json-file", "config": {"max-size": "50m", "max-file": "3"}}
 # Fields added to the spec after containers already ran with it: they enter the config hash
 # only when set, so that upgrading the agent does not recreate every engine of the fleet.
 _ADDED_LATER = frozenset({"nano_cpus", "cpuset_cpus"})
@@ -62,6 +66,12 @@ class ContainerSpec:
     api_path: str
     url: str
     labels: dict[str, str] = field(default_factory=dict)
+    # docs/security.md: every capability dropped (the profile adds back what its engine
+    # needs), a process limit, and a bounded log.
+    cap_drop: list[str] = field(default_factory=lambda: ["ALL"])
+    cap_add: list[str] = field(default_factory=list)
+    pids_limit: int = PIDS_LIMIT
+    log_config: dict[str, object] = field(default_factory=lambda: dict(LOG_CONFIG))
 
     @property
     def config_hash(self) -> str:
@@ -111,10 +121,13 @@ def _groups(devices: Sequence[str], gids: Mapping[str, int], names: list[str]) -
 def build_spec(node: str, backend: BackendConfig, gpus: Sequence[GpuRecord],
                vendor: Vendor | None, *, models_dir: str, advertise_host: str,
                node_gpus: Sequence[GpuRecord] = (), deployment: str | None = None,
-               device_gids: Mapping[str, int] | None = None) -> ContainerSpec:
+               device_gids: Mapping[str, int] | None = None,
+               engine_api_key: str | None = None) -> ContainerSpec:
     """The container for ``backend`` with ``gpus``; raises EngineError when it cannot run.
 
-    ``device_gids``: the host gid owning each device node (agent.inventory.devnodes)."""
+    ``device_gids``: the host gid owning each device node (agent.inventory.devnodes).
+    ``engine_api_key``: the key the engine demands of clients (only the scheduler has it),
+    passed in the profile's environment variable, never on the command line."""
     host_net = backend.network == "host"
     # With host networking the engine binds the advertised address itself; on a bridge it
     # binds everything inside its namespace and Docker publishes the port on that address.
@@ -131,7 +144,9 @@ def build_spec(node: str, backend: BackendConfig, gpus: Sequence[GpuRecord],
         image=launch.image,
         entrypoint=launch.entrypoint,
         command=launch.command,
-        env={**gpu_env, **launch.env},
+        env={**gpu_env, **launch.env,
+             **({launch.api_key_env: engine_api_key}
+                if engine_api_key and launch.api_key_env else {})},
         network="host" if host_net else "bridge",
         port=backend.port,
         ports={} if host_net else {f"{backend.port}/tcp": (advertise_host, backend.port)},
@@ -148,6 +163,7 @@ def build_spec(node: str, backend: BackendConfig, gpus: Sequence[GpuRecord],
         health_path=launch.health_path,
         api_path=launch.api_path,
         url=backend_url(advertise_host, backend.port),
+        cap_add=list(launch.cap_add),
     )
     defined = {k: v for k, v in asdict(spec).items() if not (k in _ADDED_LATER and v is None)}
     # The groups follow from the device nodes: numeric gids read from them now, the names
