@@ -37,6 +37,7 @@ async def drain(config: AgentConfig) -> int:
     try:
         async with EtcdStore(config.etcd, security=config.etcd_security()) as store:
             await store.delete_prefix(keys.node_backends(config.node_name))
+            await store.delete(keys.models_of(config.node_name))
             await store.delete(keys.node(config.node_name))
     except StoreError as err:
         # The containers are gone, which is what drain is for; records expire with the lease.

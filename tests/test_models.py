@@ -317,3 +317,16 @@ def test_placer_times_a_download_by_its_progress_not_from_the_assignment() -> No
     h = StartFailures(replace_after=10, download_limit=30)
     assert all(h.observe(at(t), t) == [] for t in range(0, 30, 5))
     assert len(h.observe(at(31), 30)) == 1
+
+
+def test_a_file_already_under_models_dir_is_local_even_if_it_looks_like_a_repo(
+        tmp_path: Path) -> None:
+    # An operator copied a GGUF to models_dir/tiny/tiny.gguf: "tiny/tiny.gguf" has the
+    # shape of a repository id, but the file is there and must be used, not fetched.
+    from agent.models.layout import Layout
+
+    (tmp_path / "tiny").mkdir()
+    (tmp_path / "tiny" / "tiny.gguf").write_bytes(b"GGUF")
+    layout = Layout(tmp_path)
+    assert layout.local("tiny/tiny.gguf")
+    assert not layout.local("org/not-here")

@@ -98,6 +98,8 @@ class Layout:
         if ".." in model.split("/"):
             return False
         path = self.root / model
+        if path.is_file():
+            return True  # a file under models_dir (a GGUF copied there) is used as it is
         if REPO_ID.match(model):
             return (path / "config.json").is_file()
         return path.exists()
