@@ -25,6 +25,8 @@ from scheduler.score import Hint
 
 # The latency assumed for a backend that has neither samples nor a probe figure yet.
 DEFAULT_LATENCY_S = 0.05
+# Weight of one stream's time per output token in its average.
+TPOT_WEIGHT = 0.2
 # Time constant of the latency average: a sample counts half after ~7 s.
 DECAY_S = 10.0
 
@@ -115,8 +117,10 @@ class Backend:
         return _decayed(self.ewma_s, self.stamp, now)
 
     def tpot(self, now: float) -> float:
-        """Time per output token learnt from streams; 0 (not counted) before any."""
-        return _decayed(self.tpot_s, self.tpot_stamp, now) if self.tpot_samples else 0.0
+        """Time per output token learnt from streams; 0 (not counted) before any. It does not
+        decay while idle: decode speed is the device's, and an idle slow decoder whose figure
+        fell towards zero would look cheap and draw a burst of requests it then drags out."""
+        return self.tpot_s if self.tpot_samples else 0.0
 
     def whole(self, now: float) -> float | None:
         """Time of a whole non-streamed answer; None before any."""
@@ -161,8 +165,10 @@ class Backend:
         """Fold one stream's time per output token into its peak-EWMA."""
         if not math.isfinite(seconds_per_token) or seconds_per_token < 0:
             return
-        self.tpot_s = _peak(self.tpot_s, self.tpot_stamp, self.tpot_samples, seconds_per_token,
-                            now)
+        # A plain average, not a peak: one stream slowed by a neighbour's long prefill says
+        # little about the device's decode speed.
+        self.tpot_s = (seconds_per_token if not self.tpot_samples
+                       else self.tpot_s + (seconds_per_token - self.tpot_s) * TPOT_WEIGHT)
         self.tpot_stamp = now
         self.tpot_samples += 1
 
@@ -380,6 +386,7 @@ class Router:
         if ring is None:
             ring = self._rings[model] = score.build_ring([b.key for b in group])
         best_cost = best.cost(now, tokens, stream, size)
+        best_unit = best.seconds(now, tokens, stream, size)
         tried = 0
         for i in score.ring_walk(ring[0], ring[1], hint.key):
             b = group[i]
@@ -387,8 +394,7 @@ class Router:
                 continue
             if b is best:
                 return b
-            unit = b.seconds(now, tokens, stream, size)
-            if score.within_slack(b.cost(now, tokens, stream, size), best_cost, unit):
+            if score.within_slack(b.cost(now, tokens, stream, size), best_cost, best_unit):
                 return b
             tried += 1
             if tried == 2:

@@ -19,8 +19,8 @@ What a choice weighs (docs/scheduler.md, "Routing", says why):
   backends: the ring depends only on the backends' keys, so every replica computes the same
   preference with no shared state, and a backend joining or leaving moves only its own share
   of keys. The preferred backend is taken unless its cost is more than ``LOCALITY_SLACK``
-  (plus one request) above that of the power-of-two-choices pick: a bounded load, so a hot
-  key or a busy backend spills over to the cheaper one instead.
+  (plus one request's time there) above that of the power-of-d-choices pick: a bounded
+  load, so a hot key or a busy backend spills over to the cheaper one instead.
 """
 
 from __future__ import annotations
@@ -183,6 +183,7 @@ def cost(seconds: float, inflight: int, waiting: int, kv: float) -> float:
 def within_slack(preferred: float, best: float, unit: float,
                  slack: float = LOCALITY_SLACK) -> bool:
     """Whether the preferred backend's cost is close enough to the best alternative's: at
-    most ``slack`` above it plus ``unit``, one request's time on the preferred backend (so one
-    request in flight there never outweighs a cached prefix when the others are idle)."""
+    most ``slack`` above it plus ``unit``, one request's time on the best alternative (so one
+    request in flight on a like backend never outweighs a cached prefix, but an idle slow
+    backend does not take a request a fast one would finish far sooner)."""
     return preferred <= best * (1.0 + slack) + unit
