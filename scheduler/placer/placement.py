@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import heapq
 import json
+import math
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -29,9 +30,10 @@ from common.records import (
 
 GIB = 1 << 30
 Mode = Literal["none", "whole", "memory"]
-# A node's rank for one deployment (lowest first); the node's name ends it, so ties are
+# A node's rank for one deployment (lowest first): its cost per hour under the "cost" policy
+# (0 under the others), then two figures of the policy; the node's name ends it, so ties are
 # broken by name and the heap never compares anything else.
-Score = tuple[int, int, str]
+Score = tuple[float, int, int, str]
 
 
 @dataclass(frozen=True, slots=True)
@@ -324,12 +326,19 @@ def _place_missing(w: _Want, kept: set[int], fleet: Mapping[str, _Node], now: fl
 
 def _scorer(w: _Want) -> Callable[[_Node], Score | None]:
     """How nodes rank for ``w`` (lowest first); None for a node where a replica won't fit."""
-    name, spread = w.d.name, w.d.placement == "spread"
+    # "cost": the cheapest nodes that fit first (an unknown cost last), spread among equals.
+    name, spread = w.d.name, w.d.placement in ("spread", "cost")
     vendors = w.vendors
+    by_cost = w.d.placement == "cost"
+
+    def price(node: _Node) -> float:
+        cost = node.record.cost_per_hour
+        return (math.inf if cost is None else cost) if by_cost else 0.0
 
     def no_gpu(node: _Node) -> Score:
         count = node.replicas.get(name, 0)
-        return (count, 0, node.name) if spread else (-count, 0, node.name)
+        return (price(node), count, 0, node.name) if spread else \
+            (price(node), -count, 0, node.name)
 
     def whole(node: _Node) -> Score | None:
         free = dict.fromkeys(vendors, 0)
@@ -340,8 +349,8 @@ def _scorer(w: _Want) -> Callable[[_Node], Score | None]:
             return None
         total = sum(free.values())
         if spread:
-            return (node.replicas.get(name, 0), -total, node.name)
-        return (total, 0, node.name)
+            return (price(node), node.replicas.get(name, 0), -total, node.name)
+        return (price(node), total, 0, node.name)
 
     def memory(node: _Node) -> Score | None:
         mem = w.d.memory_bytes
@@ -351,8 +360,8 @@ def _scorer(w: _Want) -> Callable[[_Node], Score | None]:
         if not fits:
             return None
         if spread:
-            return (node.replicas.get(name, 0), -sum(avail), node.name)
-        return (min(fits), 0, node.name)  # best fit: the fullest GPU that still fits
+            return (price(node), node.replicas.get(name, 0), -sum(avail), node.name)
+        return (price(node), min(fits), 0, node.name)  # best fit: the fullest GPU that fits
 
     return {"none": no_gpu, "whole": whole, "memory": memory}[w.mode]
 
@@ -373,7 +382,7 @@ def _choose(w: _Want, node: _Node) -> list[_Gpu]:
     mem = w.d.memory_bytes
     assert mem is not None
     fits = [g for g in eligible if g.avail() >= mem]
-    if w.d.placement == "spread":
+    if w.d.placement in ("spread", "cost"):
         return [min(fits, key=lambda g: (g.replicas.get(w.d.name, 0), -g.avail(),
                                          g.record.index))]
     return [min(fits, key=lambda g: (g.avail(), g.record.index))]
