@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import sys
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from common import logs
@@ -16,6 +17,11 @@ from scheduler.app import build_app
 from scheduler.config import SchedulerConfig
 
 PROG = "aivmm-scheduler"
+log = logging.getLogger("scheduler")
+
+
+def _nothing_to_reload() -> None:
+    log.info("SIGHUP: no TLS certificate to reload; scheduler.toml is read at start only")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,12 +32,17 @@ def main(argv: list[str] | None = None) -> int:
     config = load_or_exit(SchedulerConfig, args, prog=PROG)
     logs.setup(config.log_level, config.log_format)
     app = build_app(config)
-    context, reload = None, None
+    context = None
+    reload: Callable[[], None]
     if config.tls_cert is not None and config.tls_key is not None:
         made = tls.tls_context(config.tls_cert, config.tls_key)
         assert not isinstance(made, str)  # the config check made one already
         context = made
         reload = functools.partial(tls.reloader, made, config.tls_cert, config.tls_key)
+    else:
+        # systemctl reload sends SIGHUP; unhandled it would end the process (and systemd
+        # counts that as a clean exit, so Restart=on-failure would not bring it back).
+        reload = _nothing_to_reload
     # A client that disconnects must stop its upstream request at once.
     return _run(serve(app, config.listen, reuse_port=config.reuse_port,
                       handler_cancellation=True, shutdown_timeout=config.shutdown_timeout,

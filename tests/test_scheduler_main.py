@@ -59,6 +59,10 @@ def test_serves_until_sigterm(tmp_path: Path, etcd_server: EtcdServer) -> None:
                                      headers={"Authorization": "Bearer k1"})
         with urllib.request.urlopen(req, timeout=5) as r:
             assert r.status == 200
+        # systemctl reload without TLS: nothing to reload, and the scheduler goes on serving.
+        proc.send_signal(signal.SIGHUP)
+        wait_until(ready, 5, "scheduler still serving after SIGHUP")
+        assert proc.poll() is None
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(20) == 0
     finally:

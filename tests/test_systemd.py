@@ -104,6 +104,19 @@ def test_agent_unit_keeps_docker_reachable() -> None:
     assert values(path, "Service", "ProtectProc") in ([], ["default"])
 
 
+def test_agent_unit_lets_the_agent_write_its_default_models_dir() -> None:
+    # ProtectSystem=strict makes the whole file system read-only; the agent fetches model
+    # files into models_dir, so the default one must be writable.
+    from agent.config import AgentConfig
+
+    path = UNITS / "aivmm-agent.service"
+    assert values(path, "Service", "ProtectSystem") == ["strict"]
+    writable = [v.lstrip("-") for line in values(path, "Service", "ReadWritePaths")
+                for v in line.split()]
+    default = AgentConfig().models_dir
+    assert any(default == w or default.startswith(w.rstrip("/") + "/") for w in writable)
+
+
 def test_scheduler_unit_runs_unprivileged() -> None:
     path = UNITS / "aivmm-scheduler.service"
     assert values(path, "Service", "DynamicUser") == ["yes"]
