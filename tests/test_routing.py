@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import zlib
 from collections import Counter
 
 import pytest
@@ -19,7 +20,9 @@ from scheduler.routing import Ejection, Router
 
 def rec(name: str, model: str = "m", *, state: str = "ready", latency_ms: float | None = 10.0,
         waiting: int | None = None, node: str = "n1") -> BackendRecord:
-    return BackendRecord(node=node, name=name, models=[model], url=f"http://127.0.0.1/{name}",
+    # A distinct port per name: the registry routes only http(s)://HOST:PORT URLs.
+    port = 20000 + zlib.crc32(f"{node}/{name}".encode()) % 40000
+    return BackendRecord(node=node, name=name, models=[model], url=f"http://127.0.0.1:{port}",
                          state=state, engine="sim", probe_latency_ms=latency_ms,
                          load=BackendLoad(waiting=waiting) if waiting is not None else None)
 
@@ -92,7 +95,7 @@ def test_impossible_engine_figures_give_no_advantage() -> None:
     keys = Keys("/p")
     r = Router(random.Random(1))
     reg = Registry(r, keys)
-    liar = BackendRecord(node="n1", name="liar", models=["m"], url="http://127.0.0.1/l",
+    liar = BackendRecord(node="n1", name="liar", models=["m"], url="http://127.0.0.1:19999",
                          state="ready", engine="sim", probe_latency_ms=10.0,
                          load=BackendLoad(running=-3, waiting=-50, kv_cache_usage=7.5))
     honest = rec("honest", latency_ms=10.0, waiting=0)
