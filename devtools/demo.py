@@ -81,6 +81,9 @@ def fake_gpus(node: str, root: Path) -> None:
         tree.module_version("amdgpu", "6.10.5")
     else:
         tree.add_i915_arc("0000:04:00.0")
+    # The PCI ID database a distribution ships, beside the fake root: the agents name the
+    # cards from it ("Radeon RX 7900 XT/7900 XTX", "Arc A770"), as on a real machine.
+    tree.pci_ids()
 
 
 def say(text: str) -> None:
