@@ -422,7 +422,6 @@ class Proxy:
         loop = asyncio.get_running_loop()
         # The loop's clock and self.clock may differ; carry the deadline over as a remainder.
         end = loop.time() + (deadline - self.clock())
-        sse = up.content_type == "text/event-stream"
         # SSE events relayed, for the backend's decode speed (one token per event, roughly).
         events = first.count(b"data:") if sse else 0
         first_at = self.clock()
