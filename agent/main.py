@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import sys
-from collections.abc import Callable, Coroutine
-from typing import Any
+from collections.abc import Callable
 
 from agent.app import build_app
 from agent.config import AgentConfig
 from agent.docker.client import DockerAdapter, DockerFailed, DockerUnavailable
 from common import logs
 from common.cli import daemon_parser, load_config, load_or_exit
-from common.daemon import serve
+from common.daemon import run_main, serve
 from common.keys import Keys
 from common.store import EtcdStore, StoreError
 
@@ -65,19 +63,8 @@ def main(argv: list[str] | None = None) -> None:
         # The same file, environment and flags as at start; raises ConfigError, no exit.
         return load_config(AgentConfig, args)
 
-    code = _run(drain(config) if args.drain else run(config, reload))
+    code = run_main(drain(config) if args.drain else run(config, reload))
     raise SystemExit(code)
-
-
-def _run(main: Coroutine[Any, Any, int]) -> int:
-    """Run ``main`` on uvloop where it is installed (a faster loop for the proxy hop), else
-    on asyncio's own loop."""
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(main)
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(main)
 
 
 if __name__ == "__main__":

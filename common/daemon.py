@@ -15,7 +15,7 @@ import logging
 import signal
 import socket
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from aiohttp import web
@@ -257,3 +257,14 @@ async def serve(app: web.Application, listen: str, *, reuse_port: bool = False,
             loop.remove_signal_handler(sig)
         if reload is not None:
             loop.remove_signal_handler(signal.SIGHUP)
+
+
+def run_main(main: Coroutine[Any, Any, int]) -> int:
+    """Run a daemon's ``main`` on uvloop where it is installed (a faster loop for the proxy
+    hop and the agent's many probes), else on asyncio's own loop; returns its exit code."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(main)

@@ -23,10 +23,10 @@ from common.records import (
     BackendRecord,
     DeploymentRecord,
     PlacementStatus,
-    RecordError,
     parse_assignment,
     parse_backend,
     parse_deployment,
+    parse_each,
     parse_placement,
     to_dict,
 )
@@ -52,35 +52,17 @@ def parse_records(deployments: Iterable[bytes], placements: Iterable[bytes],
                   assignments: Iterable[bytes]) -> DeploymentRecords:
     """Parse raw record values; each one that is unusable is counted in ``skipped``."""
     out = DeploymentRecords()
-    for raw in deployments:
-        try:
-            out.deployments.append(parse_deployment(raw))
-        except RecordError:
-            out.skipped += 1
-    for raw in placements:
-        try:
-            p = parse_placement(raw)
-        except RecordError:
-            out.skipped += 1
-            continue
-        out.placements[p.deployment] = p
-    for raw in assignments:
-        try:
-            out.assignments.append(parse_assignment(raw))
-        except RecordError:
-            out.skipped += 1
+    out.deployments, bad_d = parse_each(deployments, parse_deployment)
+    statuses, bad_p = parse_each(placements, parse_placement)
+    out.placements = {p.deployment: p for p in statuses}
+    out.assignments, bad_a = parse_each(assignments, parse_assignment)
+    out.skipped += bad_d + bad_p + bad_a
     return out
 
 
 def parse_backends(values: Iterable[bytes]) -> tuple[list[BackendRecord], int]:
     """Backend records and how many did not parse."""
-    backends, skipped = [], 0
-    for raw in values:
-        try:
-            backends.append(parse_backend(raw))
-        except RecordError:
-            skipped += 1
-    return backends, skipped
+    return parse_each(values, parse_backend)
 
 
 async def read_records(store: PrefixReader, keys: Keys) -> DeploymentRecords:

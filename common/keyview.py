@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from common.keys import Keys
-from common.records import KeyRecord, KeyUsage, RecordError, parse, parse_key
+from common.records import KeyRecord, KeyUsage, RecordError, parse, parse_each, parse_key
 
 # Usage records are per hour: ``{prefix}/key-usage/{bucket}/{replica}``.
 USAGE_BUCKET_S = 3600
@@ -37,11 +37,7 @@ async def read_keys(store: PrefixReader, keys: Keys) -> KeyRecords:
     """Every key record, by name; unreadable ones counted in ``skipped``."""
     snap = await store.get_prefix(keys.api_keys)
     out = KeyRecords()
-    for kv in snap.items:
-        try:
-            out.keys.append(parse_key(kv.value))
-        except RecordError:
-            out.skipped += 1
+    out.keys, out.skipped = parse_each((kv.value for kv in snap.items), parse_key)
     out.keys.sort(key=lambda k: k.name)
     return out
 

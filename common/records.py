@@ -14,7 +14,7 @@ import functools
 import re
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
@@ -739,6 +739,19 @@ def parse_key(raw: bytes | str) -> KeyRecord:
     if problem:
         raise RecordError(problem)
     return record
+
+
+def parse_each(values: Iterable[bytes], parser: Callable[[bytes], R]) -> tuple[list[R], int]:
+    """The records among ``values`` that parse, and how many did not (readers skip and count
+    an unusable record, never stop on it)."""
+    out: list[R] = []
+    bad = 0
+    for raw in values:
+        try:
+            out.append(parser(raw))
+        except RecordError:
+            bad += 1
+    return out, bad
 
 
 def dump(record: Any) -> bytes:

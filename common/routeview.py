@@ -15,9 +15,9 @@ from common.keys import Keys
 from common.records import (
     BackendRecord,
     NodeRecord,
-    RecordError,
     RouteRecord,
     RouteStats,
+    parse_each,
     parse_route,
     parse_route_stats,
     to_dict,
@@ -36,17 +36,9 @@ class RouteRecords:
 
 
 def parse_routes(routes: Iterable[bytes], stats: Iterable[bytes]) -> RouteRecords:
-    out = RouteRecords([], [], 0)
-    for raw in routes:
-        try:
-            out.routes.append(parse_route(raw))
-        except RecordError:
-            out.skipped += 1
-    for raw in stats:
-        try:
-            out.stats.append(parse_route_stats(raw))
-        except RecordError:
-            out.skipped += 1
+    parsed, bad_routes = parse_each(routes, parse_route)
+    figures, bad_stats = parse_each(stats, parse_route_stats)
+    out = RouteRecords(parsed, figures, bad_routes + bad_stats)
     out.routes.sort(key=lambda r: r.name)
     return out
 

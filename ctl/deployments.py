@@ -42,6 +42,7 @@ from common.records import (
     parse,
 )
 from common.store import Compare, EtcdStore
+from ctl.args import count
 
 EXIT_USAGE = 2
 ENGINES = ("auto", "vllm", "sglang", "openvino", "llamacpp", "ipex-llm", "sim", "custom")
@@ -87,14 +88,7 @@ def parse_size(text: str) -> int:
     return round(float(m.group(1)) * unit)
 
 
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return value
+_count = count()
 
 
 def _cores(text: str) -> float:

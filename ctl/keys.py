@@ -22,6 +22,7 @@ from common.keys import Keys
 from common.keyview import COUNTS, key_views, read_keys, read_usage, replicas_of, sum_usage
 from common.records import KeyRecord, RecordError, dump, key_problem, parse_key
 from common.store import Compare, EtcdStore
+from ctl.args import count
 from scheduler.apikeys import SHOWN_PREFIX, hash_key, new_key
 
 EXIT_USAGE = 2
@@ -39,14 +40,7 @@ class Conflict(Exception):
     """The key record kept changing under a compare-and-swap."""
 
 
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0 (0: no limit), got {text!r}")
-    return value
+_count = count("0: no limit")
 
 
 def _models(text: str) -> list[str]:

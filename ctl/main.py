@@ -26,12 +26,14 @@ from common.records import (
     RecordError,
     dump,
     parse_drain,
+    parse_each,
     parse_node,
 )
 from common.routeview import backend_costs, read_routes, route_views
 from common.store import Compare, EtcdStore, StoreError, StoreUnavailable
 from ctl import deployments, etcdroles, models, routes
 from ctl import keys as keyverbs
+from ctl.args import count
 
 EXIT_UNREACHABLE = 1
 EXIT_USAGE = 2
@@ -105,12 +107,7 @@ async def fetch(endpoints: list[str], prefix: str, deadline: float) -> dict[str,
         drain_snap = await store.get_prefix(keys.drains)
         records = await read_records(store, keys)
         routed = await read_routes(store, keys)
-    nodes, skipped = [], 0
-    for kv in node_snap.items:
-        try:
-            nodes.append(parse_node(kv.value))
-        except RecordError:
-            skipped += 1
+    nodes, skipped = parse_each((kv.value for kv in node_snap.items), parse_node)
     backends, bad = parse_backends(kv.value for kv in backend_snap.items)
     drained = sorted(kv.key.removeprefix(keys.drains) for kv in drain_snap.items)
     return {"nodes": nodes, "backends": backends, "drained": drained,
@@ -212,14 +209,7 @@ def show_audit(args: argparse.Namespace, endpoints: list[str]) -> int:
     return 0
 
 
-def _limit(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0 (0: all), got {text!r}")
-    return value
+_limit = count("0: all")
 
 
 class Parser(argparse.ArgumentParser):

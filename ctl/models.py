@@ -23,8 +23,8 @@ from common.keys import Keys
 from common.records import (
     ModelRemoval,
     ModelsRecord,
-    RecordError,
     dump,
+    parse_each,
     parse_models,
     to_dict,
 )
@@ -49,12 +49,7 @@ def add_parsers(verbs: Any) -> None:
 
 async def read_models(store: EtcdStore, keys: Keys) -> tuple[list[ModelsRecord], int]:
     snap = await store.get_prefix(keys.models)
-    out, bad = [], 0
-    for kv in snap.items:
-        try:
-            out.append(parse_models(kv.value))
-        except RecordError:
-            bad += 1
+    out, bad = parse_each((kv.value for kv in snap.items), parse_models)
     return sorted(out, key=lambda r: r.node), bad
 
 

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import logging
 import sys
-from collections.abc import Callable, Coroutine
-from typing import Any
+from collections.abc import Callable
 
 from common import logs
 from common.cli import daemon_parser, load_or_exit
-from common.daemon import serve
+from common.daemon import run_main, serve
 from scheduler import tls
 from scheduler.app import build_app
 from scheduler.config import SchedulerConfig
@@ -44,22 +42,11 @@ def main(argv: list[str] | None = None) -> int:
         # counts that as a clean exit, so Restart=on-failure would not bring it back).
         reload = _nothing_to_reload
     # A client that disconnects must stop its upstream request at once.
-    return _run(serve(app, config.listen, reuse_port=config.reuse_port,
+    return run_main(serve(app, config.listen, reuse_port=config.reuse_port,
                       handler_cancellation=True, shutdown_timeout=config.shutdown_timeout,
                       keepalive_timeout=config.keepalive_timeout,
                       header_timeout=config.header_timeout, ssl_context=context,
                       reload=reload))
-
-
-def _run(main: Coroutine[Any, Any, int]) -> int:
-    """Run ``main`` on uvloop where it is installed (a faster loop for the proxy hop), else
-    on asyncio's own loop."""
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(main)
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(main)
 
 
 if __name__ == "__main__":
