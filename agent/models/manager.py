@@ -411,15 +411,17 @@ class ModelManager:
 
     # -- the models record and removals ------------------------------------------------------------
 
-    def record(self, in_use: dict[str, list[str]]) -> ModelsRecord:
-        """What models_dir holds now (blocking: it scans the directory)."""
+    def record(self, in_use: dict[str, list[str]], downloading: set[str]) -> ModelsRecord:
+        """What models_dir holds now (blocking: it scans the directory). ``downloading`` is
+        :meth:`downloading`, taken on the event loop: this runs in a worker thread, and the
+        loop adds and drops jobs meanwhile."""
         copies = self.layout.inventory()
         have = {c.model for c in copies}
         for c in copies:
             c.in_use = sorted(in_use.get(c.model, []))
-            if c.model in self.downloading():
+            if c.model in downloading:
                 c.state = "partial"
-        extra = [m for m in self.downloading() if m not in have]
+        extra = [m for m in downloading if m not in have]
         copies += [ModelCopy(model=m, state="partial", in_use=sorted(in_use.get(m, [])))
                    for m in extra]
         free: int | None
@@ -442,7 +444,8 @@ class ModelManager:
                 await self._removals(store, keys, in_use)
                 lease_id = lease()
                 if lease_id is not None:
-                    record = await asyncio.to_thread(self.record, in_use())
+                    record = await asyncio.to_thread(self.record, in_use(),
+                                                     self.downloading())
                     record.updated_at = 0.0
                     body = dump(record)
                     if last != (body, lease_id):
