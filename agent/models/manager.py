@@ -100,6 +100,7 @@ class ModelManager:
         self._jobs: dict[str, _Job] = {}
         self._notified = 0.0
         self._publish = asyncio.Event()
+        self._touches: set[asyncio.Task[None]] = set()  # used() notes, referenced till done
 
     # -- what the supervisor asks --------------------------------------------------------------
 
@@ -132,13 +133,16 @@ class ModelManager:
             with contextlib.suppress(OSError):
                 await asyncio.to_thread(self.layout.touch_used, model)
             self._publish.set()
-        asyncio.get_running_loop().create_task(touch())
+        task = asyncio.get_running_loop().create_task(touch())
+        self._touches.add(task)  # the loop keeps only a weak reference to a task
+        task.add_done_callback(self._touches.discard)
 
     def downloading(self) -> set[str]:
         return {m for m, j in self._jobs.items() if j.finished_at is None}
 
     async def close(self) -> None:
         tasks = [j.task for j in self._jobs.values() if j.task is not None]
+        tasks += self._touches
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
