@@ -79,6 +79,23 @@ async def until(predicate: Callable[[], Awaitable[T] | T], within: float = 10.0,
         await asyncio.sleep(interval)
 
 
+async def holds(predicate: Callable[[], Awaitable[object] | object], during: float,
+                what: str = "condition", interval: float = 0.02) -> None:
+    """Check a sync or async ``predicate`` every ``interval`` for ``during`` seconds; fail the
+    first time it is false. For what must stay true while time deliberately passes (a standby
+    that must not take over), where one look at the end would miss a moment it did not hold."""
+    deadline = time.monotonic() + during
+    while True:
+        result = predicate()
+        if inspect.isawaitable(result):
+            result = await result
+        if not result:
+            raise AssertionError(f"{what} stopped holding")
+        if time.monotonic() > deadline:
+            return
+        await asyncio.sleep(interval)
+
+
 @dataclass(frozen=True, slots=True)
 class EtcdTls:
     """A TLS etcd: its server certificate and key, and the CA whose client certificates it

@@ -10,7 +10,7 @@ import pytest
 
 from common.records import parse_leader
 from common.store import EtcdStore
-from devtools.services import EtcdServer, until
+from devtools.services import EtcdServer, holds, until
 from scheduler.placer.election import Election, Fence
 
 
@@ -54,8 +54,9 @@ async def test_one_leader_and_a_standby_that_takes_over_when_it_resigns(
     async with candidate(etcd_server.url, prefix, "a") as (a, wa, ta):
         await until(lambda: wa.running, 5, "a elected")
         async with candidate(etcd_server.url, prefix, "b") as (b, wb, _tb):
-            await asyncio.sleep(0.5)
-            assert a.leading and not b.leading and not wb.running
+            # b campaigns meanwhile; at no moment may it lead beside a.
+            await holds(lambda: a.leading and not b.leading and not wb.running, 0.5,
+                        "a leading alone")
             leader = await writer.get(f"{prefix}/placer/leader")
             assert leader is not None and parse_leader(leader).holder == "a"
             ta.cancel()  # a stops cleanly: it revokes its lease, b need not wait out the TTL
@@ -89,6 +90,6 @@ async def test_racing_candidates_elect_exactly_one(etcd_server: EtcdServer, pref
         found = [await stack.enter_async_context(candidate(etcd_server.url, prefix, f"c{i}"))
                  for i in range(racers)]
         await until(lambda: any(w.running for _, w, _ in found), 5, "a leader")
-        await asyncio.sleep(0.5)
-        assert sum(e.leading for e, _, _ in found) == 1
-        assert sum(w.running for _, w, _ in found) == 1
+        # The others keep racing a while: never a second leader, at any moment.
+        await holds(lambda: sum(e.leading for e, _, _ in found) == 1
+                    and sum(w.running for _, w, _ in found) == 1, 0.5, "exactly one leader")
