@@ -97,12 +97,12 @@ async def _admit(request: web.Request) -> web.Response | tuple[bytes, str]:
         if caller is None:
             return _unauthorized()
         request[CALLER] = caller
-    limit = app[CONFIG].max_body_bytes
-    if request.content_length is not None and request.content_length > limit:
-        return error_response(413, f"request body over {limit} bytes", "body_too_large")
     refused = hardening.refuse_content_type(request)
     if refused is not None:
         return refused
+    limit = app[CONFIG].max_body_bytes
+    if request.content_length is not None and request.content_length > limit:
+        return error_response(413, f"request body over {limit} bytes", "body_too_large")
     try:
         async with asyncio.timeout(app[CONFIG].body_timeout):
             body = await request.read()
