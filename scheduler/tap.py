@@ -16,7 +16,8 @@ from aiohttp import web
 
 _COMPLETION_TOKENS = re.compile(rb'"completion_tokens"\s*:\s*(\d+)')
 _PROMPT_TOKENS = re.compile(rb'"prompt_tokens"\s*:\s*(\d+)')
-# A plain body is kept up to this size to read its usage at the end (answers are smaller).
+# The last this many bytes of a plain body are kept to read its usage, which comes at the
+# end (an embeddings answer of a large batch is several MiB before it).
 _KEEP_MAX = 1 << 20
 
 
@@ -59,8 +60,11 @@ class Tap:
                 prompt = _PROMPT_TOKENS.findall(data)
                 if prompt:
                     self.usage_prompt = int(prompt[-1])
-        elif len(self._kept) + len(data) <= _KEEP_MAX:
-            self._kept += data
+        else:
+            kept = self._kept
+            kept += data
+            if len(kept) > _KEEP_MAX:
+                del kept[:len(kept) - _KEEP_MAX]
 
     def output_tokens(self) -> int:
         """The answer's output tokens: its usage, else (a stream) an estimate."""
@@ -68,14 +72,14 @@ class Tap:
             return self.usage_tokens
         if self.sse:
             return max(0, self.events - 1)
-        found = _COMPLETION_TOKENS.findall(bytes(self._kept))
+        found = _COMPLETION_TOKENS.findall(self._kept)
         return int(found[-1]) if found else 0
 
     def prompt_tokens(self) -> int:
         """The answer's prompt tokens, from its usage (0 when it has none)."""
         if self.sse:
             return self.usage_prompt or 0
-        found = _PROMPT_TOKENS.findall(bytes(self._kept))
+        found = _PROMPT_TOKENS.findall(self._kept)
         return int(found[-1]) if found else 0
 
 
