@@ -449,6 +449,11 @@ class Supervisor:
         for c in actual:  # a replica keeps the port its container has (recover from labels)
             if c.deployment is not None and c.port is not None:
                 self._ports.setdefault(c.backend, c.port)
+        if self.assignments_known.is_set():
+            # A replica no longer assigned gives its port back, whether it was learnt from
+            # a record, a label or given here (its container, if any, is removed below).
+            for name in [n for n in self._ports if n not in self.status]:
+                del self._ports[name]
         desired = self.desired()
         if not self.assignments_known.is_set():
             actual = [c for c in actual if c.deployment is None or c.backend in desired]
