@@ -93,3 +93,27 @@ async def test_racing_candidates_elect_exactly_one(etcd_server: EtcdServer, pref
         # The others keep racing a while: never a second leader, at any moment.
         await holds(lambda: sum(e.leading for e, _, _ in found) == 1
                     and sum(w.running for _, w, _ in found) == 1, 0.5, "exactly one leader")
+
+
+async def test_a_refused_request_stands_the_placer_down_without_ending_it(
+        etcd_server: EtcdServer, prefix: str) -> None:
+    # etcd refusing the placer's work (here: its transaction exceeds etcd's limits) must not
+    # end the eternal task, which would stop the scheduler and its routing with it.
+    async with EtcdStore([etcd_server.url], timeout=2.0) as store:
+        election = Election(store, f"{prefix}/placer/leader", "r", ttl=2)
+        calls = 0
+
+        async def refused(fence: Fence) -> None:
+            nonlocal calls
+            calls += 1
+            too_many = [(f"{prefix}/k{i}", b"x") for i in range(1000)]  # > --max-txn-ops
+            await store.txn([fence.compare], puts=too_many)
+
+        task = asyncio.create_task(election.run(refused), name="election-refused")
+        try:
+            await until(lambda: calls >= 2, 15, "the placer trying again after the refusal")
+            assert not task.done()
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task

@@ -119,6 +119,12 @@ class Fetcher:
             async with self.session().get(url, headers=headers) as r:
                 if r.status == 416 and offset == f.size:
                     pass  # the part on disk is whole already
+                elif r.status == 416:
+                    # The hub says the range does not exist: the part on disk is not a
+                    # prefix of this file. Resuming from it again would loop for ever.
+                    await asyncio.to_thread(part.unlink, missing_ok=True)
+                    raise HubError(f"{f.path}: the partial download did not match; "
+                                   "starting it again")
                 elif r.status in (401, 403, 404):
                     raise HubError(f"{f.path}: the hub answered {r.status} {r.reason}",
                                    retry=r.status != 404)

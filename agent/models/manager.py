@@ -462,6 +462,10 @@ class ModelManager:
                 last = None
             except OSError as err:
                 log.warning("cannot scan models_dir: %s", err)
+            except Exception:
+                # A record we could not build (a malformed marker on disk) must not end
+                # this eternal task: that would take the agent, its lease and every backend.
+                log.exception("models record not built; trying again")
             self._publish.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._publish.wait(), 2.0)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from common.records import LeaderRecord, dump
-from common.store import Compare, LeaseLost, StoreError, StoreUnavailable
+from common.store import Compare, LeaseLost, StoreClosed, StoreError, StoreUnavailable
 from common.store_api import Store
 
 log = logging.getLogger(__name__)
@@ -78,6 +78,15 @@ class Election:
                 log.info("placer election: %s; campaigning again", err)
                 await asyncio.sleep(retry)
                 retry = min(retry * 2, self.ttl / 3)
+            except StoreClosed:
+                raise
+            except StoreError as err:
+                # etcd refused a request (a permission, a size limit): a bug or a
+                # misconfiguration to fix, but no reason to take routing down with the
+                # placer. Stand down, say why loudly, and try again later.
+                log.error("placer stood down, etcd refused its request: %s", err)
+                await asyncio.sleep(max(retry, self.ttl))
+                retry = min(retry * 2, self.ttl)
             finally:
                 self.leading = False
                 if lease is not None:
