@@ -263,9 +263,9 @@ async def test_a_killed_agent_s_replica_is_placed_elsewhere_and_serves(
         return ready if ready and all(a.node != first.node for a in assigned) else None
     (again,) = await until(moved, 40, "the replica placed on the other node and ready")
     # lease TTL 3 s + placement + engine start: the figure is in the benchmark, not here
+    print(f"replica ready on the other node {time.monotonic() - lost:.1f} s after the kill")
     assert again.node != first.node
     assert await ask(sched, "one-m")
-    assert time.monotonic() - lost < 40
 
 
 async def test_a_killed_placer_is_replaced_by_a_standby(fleet: DeployFleet) -> None:
