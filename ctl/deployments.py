@@ -247,7 +247,19 @@ async def autoscale_deployment(store: EtcdStore, keys: Keys, args: argparse.Name
                                ) -> DeploymentRecord:
     """Set (or with --off remove) an existing deployment's autoscale policy, keeping every
     other field (compare-and-swap, with the audit entry in the same transaction)."""
-    name = args.name
+    def edit(record: DeploymentRecord) -> str:
+        old = dataclasses.replace(record)
+        record.autoscale = autoscale_policy(args, record.autoscale)
+        return audit.changed_fields(old, record) or "no field changed"
+
+    return await _change_deployment(store, keys, args.name, "autoscale", edit)
+
+
+async def _change_deployment(store: EtcdStore, keys: Keys, name: str, verb: str,
+                             edit: Callable[[DeploymentRecord], str]) -> DeploymentRecord:
+    """Read the deployment, ``edit`` it in place (returning the audit detail) and write it
+    back only if nobody changed it meanwhile, with its audit entry in the same transaction;
+    raises UsageError when it is absent or unreadable."""
     key = keys.deployment(name)
     for _ in range(CAS_ATTEMPTS):
         kv = await store.get_item(key)
@@ -259,10 +271,9 @@ async def autoscale_deployment(store: EtcdStore, keys: Keys, args: argparse.Name
             raise UsageError(f"{name}: its deployment record cannot be read ({err}); "
                              f"write it again with 'aivmmctl deploy {name} ...'") from None
         old = dataclasses.replace(record)
-        record.autoscale = autoscale_policy(args, record.autoscale)
+        detail = edit(record)
         record.updated_at = time.time()
-        change = audit.entry("aivmmctl", "autoscale", name, old=old, new=record,
-                             detail=audit.changed_fields(old, record) or "no field changed")
+        change = audit.entry("aivmmctl", verb, name, old=old, new=record, detail=detail)
         if await _put_if_unchanged(store, key, dump(record), kv.mod_revision,
                                    audit.audit_put(keys, change)):
             return record
@@ -346,25 +357,15 @@ async def scale_deployment(store: EtcdStore, keys: Keys, name: str, replicas: in
     """Set the replicas of an existing deployment, keeping every other field as it is now
     (compare-and-swap, with the audit entry in the same transaction). Returns (before,
     after); raises UsageError when it is absent."""
-    key = keys.deployment(name)
-    for _ in range(CAS_ATTEMPTS):
-        kv = await store.get_item(key)
-        if kv is None:
-            raise UsageError(f"no deployment {name}")
-        try:
-            record = parse(kv.value, DeploymentRecord)
-        except RecordError as err:
-            raise UsageError(f"{name}: its deployment record cannot be read ({err}); "
-                             f"write it again with 'aivmmctl deploy {name} ...'") from None
-        old = dataclasses.replace(record)
-        before = record.replicas
-        record.replicas, record.updated_at = replicas, time.time()
-        change = audit.entry("aivmmctl", "scale", name, old=old, new=record,
-                             detail=f"replicas {before} -> {replicas}")
-        if await _put_if_unchanged(store, key, dump(record), kv.mod_revision,
-                                   audit.audit_put(keys, change)):
-            return before, replicas
-    raise Conflict(name)
+    before = 0
+
+    def edit(record: DeploymentRecord) -> str:
+        nonlocal before
+        before, record.replicas = record.replicas, replicas
+        return f"replicas {before} -> {replicas}"
+
+    await _change_deployment(store, keys, name, "scale", edit)
+    return before, replicas
 
 
 async def delete_deployment(store: EtcdStore, keys: Keys, name: str) -> None:

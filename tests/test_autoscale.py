@@ -14,28 +14,18 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import openai
 import pytest
 
 from common.records import AuditEntry, parse_audit
-from devtools.services import DockerEngine, EtcdServer, until
+from devtools.services import until
 from tests.faults.cluster import SchedulerProcess
 from tests.test_deployments import DeployFleet
+from tests.test_deployments import fleet as fleet  # the same three-node fleet fixture
 
 pytestmark = pytest.mark.docker
 
-
-@pytest.fixture
-async def fleet(tmp_path: Path, etcd_server: EtcdServer, prefix: str,
-                docker_engine: DockerEngine, sim_image: str) -> AsyncIterator[DeployFleet]:
-    f = DeployFleet(tmp_path, etcd_server.url, prefix, docker_engine.host)
-    try:
-        yield f
-    finally:
-        await asyncio.to_thread(f.close)
 
 STARTUP_S = 3.0
 
