@@ -47,6 +47,7 @@ from common.records import (
 from common.store import Event, LeaseLost, Reset, StoreError
 from scheduler.auth import digest_of
 from scheduler.errors import error_response
+from scheduler.request import REQUEST_DATA
 from scheduler.tap import TAP, Tap
 
 log = logging.getLogger(__name__)
@@ -136,15 +137,17 @@ def share(limit: int, replicas: int) -> int:
     return -(-limit // max(1, replicas))
 
 
-def ask_for_usage(body: bytes) -> bytes | None:
+def ask_for_usage(body: bytes, data: dict[str, Any] | None = None) -> bytes | None:
     """The body of a streamed request that does not ask for the usage chunk, changed to ask
-    for it (``stream_options.include_usage``); None for any other body."""
-    if b'"stream"' not in body:
-        return None
-    try:
-        data = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return None
+    for it (``stream_options.include_usage``); None for any other body. ``data`` is the body
+    already parsed, if it was."""
+    if data is None:
+        if b'"stream"' not in body:
+            return None
+        try:
+            data = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            return None
     if not isinstance(data, dict) or data.get("stream") is not True:
         return None
     options = data.get("stream_options")
@@ -423,7 +426,7 @@ class KeyRing:
         if refused is not None:
             self.account(key, refused.status, None, now)
             return refused
-        asked = ask_for_usage(body)
+        asked = ask_for_usage(body, request.get(REQUEST_DATA))
         if asked is not None:
             # Tokens of a stream come from its usage chunk; the client did not ask for it,
             # so it is taken out of what the client gets.

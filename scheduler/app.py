@@ -40,8 +40,9 @@ from scheduler.load import LoadPublisher
 from scheduler.metrics import SchedulerMetrics
 from scheduler.netpolicy import networks
 from scheduler.placer.service import Placer
-from scheduler.proxy import Proxy, ProxySettings, parse_request
+from scheduler.proxy import Proxy, ProxySettings
 from scheduler.registry import Registry
+from scheduler.request import REQUEST_DATA, parse_request
 from scheduler.routes import RouteService
 from scheduler.routing import Router
 
@@ -110,10 +111,11 @@ async def _admit(request: web.Request) -> web.Response | tuple[bytes, str]:
         return await hardening.body_timed_out(request, app[CONFIG].body_timeout)
     except web.HTTPRequestEntityTooLarge:
         return error_response(413, f"request body over {limit} bytes", "body_too_large")
-    model, why = parse_request(body)
-    if model is None:
-        return error_response(400, why or "bad request", "invalid_request",
-                              param="model" if why and "model" in why else None)
+    parsed = parse_request(body)
+    if isinstance(parsed, str):
+        return error_response(400, parsed, "invalid_request",
+                              param="model" if "model" in parsed else None)
+    request[REQUEST_DATA], model = parsed
     if caller is not None and (forbidden := auth.forbidden(caller, model)) is not None:
         return forbidden
     if not app[ROUTER].known(model) and not app[ROUTES].has(model):

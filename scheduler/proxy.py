@@ -19,13 +19,13 @@ from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 
 import aiohttp
-import orjson
 from aiohttp import web
 
 from scheduler.apikeys import HIDE_USAGE
 from scheduler.budget import RetryBudget
 from scheduler.errors import error_response, sse_error_event
 from scheduler.metrics import SchedulerMetrics
+from scheduler.request import REQUEST_DATA
 from scheduler.routing import Backend, Pool, Router
 from scheduler.tap import TAP
 
@@ -245,7 +245,7 @@ class Proxy:
         try:
             # What the body says that matters to the choice (prefix key, answer length,
             # stream): parsed only when there is a choice to make.
-            hint = self.router.hint(key, body)
+            hint = self.router.hint(key, body, request.get(REQUEST_DATA))
             b = self.router.choose(key, start, hint=hint)
             if b is None:
                 b = await self._wait_for_backend(key, start + s.queue_timeout)
@@ -339,6 +339,8 @@ class Proxy:
         s = self.settings
         assert self.session is not None
         b.inflight += 1
+        b.pending += 1
+        pending = True
         up: aiohttp.ClientResponse | None = None
         finished = False
         try:
@@ -363,6 +365,8 @@ class Proxy:
                     asyncio.IncompleteReadError) as err:
                 raise _Failed("reset") from err
             now = self.clock()
+            b.pending -= 1
+            pending = False
             if up.status >= 500:
                 if up.status in RETRY_STATUSES and can_retry():
                     raise _Failed(f"status_{up.status}")
@@ -384,6 +388,8 @@ class Proxy:
             return resp
         finally:
             b.inflight -= 1
+            if pending:
+                b.pending -= 1
             if up is not None:
                 if finished:
                     up.release()
@@ -513,17 +519,3 @@ class Proxy:
             "backend": b.key, "model": model, "reason": reason})
         if request.transport is not None:
             request.transport.abort()
-
-
-def parse_request(body: bytes) -> tuple[str | None, str | None]:
-    """``(model, None)`` for a usable body, ``(None, why)`` otherwise."""
-    try:
-        data = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return None, "the request body is not valid JSON"
-    if not isinstance(data, dict):
-        return None, "the request body must be a JSON object"
-    model = data.get("model")
-    if not isinstance(model, str) or not model:
-        return None, "you must provide a model parameter"
-    return model, None

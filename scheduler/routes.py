@@ -42,6 +42,7 @@ from common.records import (
 from common.store import Compare, Event, LeaseLost, Reset, StoreError
 from scheduler.deployed import DeployedModels
 from scheduler.errors import error_response
+from scheduler.request import REQUEST_DATA
 from scheduler.routing import Backend, Deployed, Pool, Router
 from scheduler.tap import TAP, Tap
 
@@ -341,7 +342,7 @@ class RouteService:
             upstream, pool = choice.model, choice.pool
             tap.headers[ROUTE_HEADER] = f"{choice.route}/{choice.target}"
             if upstream != model:
-                body = _with_model(body, upstream)
+                body = _with_model(body, upstream, request.get(REQUEST_DATA))
         status = 499
         try:
             resp = await proxy.forward(request, body, upstream, pool=pool)
@@ -550,8 +551,7 @@ class RouteService:
                     await asyncio.wait_for(store.revoke_lease(lease), 2.0)
 
 
-def _with_model(body: bytes, model: str) -> bytes:
-    """The request body with its ``model`` replaced (the proxy sends bytes as they are)."""
-    data = orjson.loads(body)
-    data["model"] = model
-    return orjson.dumps(data)
+def _with_model(body: bytes, model: str, data: dict[str, Any] | None = None) -> bytes:
+    """The request body with its ``model`` replaced (the proxy sends bytes as they are);
+    ``data`` is the body already parsed, if it was (it is left as it is)."""
+    return orjson.dumps({**(orjson.loads(body) if data is None else data), "model": model})

@@ -18,6 +18,7 @@ import math
 import random
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from common.records import BackendRecord
 from scheduler import score
@@ -29,6 +30,10 @@ DEFAULT_LATENCY_S = 0.05
 TPOT_WEIGHT = 0.2
 # Time constant of the latency average: a sample counts half after ~7 s.
 DECAY_S = 10.0
+# Weights of one sample in the floor of time to first byte: it falls to a faster answer
+# at once nearly, and a run of slow (loaded) answers raises it only slowly.
+BASE_FALL = 0.5
+BASE_RISE = 0.05
 
 
 @dataclass(slots=True)
@@ -107,7 +112,12 @@ class Backend:
     whole_s: float = 0.0
     whole_stamp: float = 0.0
     whole_samples: int = 0
+    # Time to first byte per size unit of prompt (score.size_units), a floor under the
+    # decayed peak: it falls fast to a quicker answer and rises slowly, so it tracks the
+    # device's unloaded speed.
+    base_rate: float = 0.0
     inflight: int = 0
+    pending: int = 0  # of inflight, those with no first byte yet
     ejection: Ejection = field(default_factory=Ejection)
 
     def latency(self, now: float) -> float:
@@ -129,12 +139,23 @@ class Backend:
     def seconds(self, now: float, tokens: float = 0.0, stream: bool = True,
                 size: int = 0) -> float:
         """Expected time of one request (of ``size`` body bytes) here, before load counts."""
-        ttft = self.latency(now) * score.size_factor(size, self.sample_size)
+        ttft = max(self.latency(now) * score.size_factor(size, self.sample_size),
+                   self.base_rate * score.size_units(size))
         return score.request_seconds(ttft, self.tpot(now), self.whole(now), tokens, stream)
 
     def cost(self, now: float, tokens: float = 0.0, stream: bool = True,
              size: int = 0) -> float:
-        return score.cost(self.seconds(now, tokens, stream, size), self.inflight, self.waiting,
+        return self.cost_of(self.seconds(now, tokens, stream, size), stream)
+
+    def cost_of(self, seconds: float, stream: bool = True) -> float:
+        """The cost of a request expected to take ``seconds`` here before load counts."""
+        if self.inflight and not (self.samples if stream else self.whole_samples):
+            # Slow start: until its first answer of the kind says how fast it is, a backend
+            # takes one request at a time. Its probe figure is no measure of a request's
+            # time, and on it a slow card new to this replica would draw a burst of long
+            # prompts it then serves late.
+            return math.inf
+        return score.cost(seconds, self.pending, self.inflight - self.pending, self.waiting,
                           self.kv)
 
     def observe(self, seconds: float, now: float, streamed: bool = True,
@@ -152,6 +173,10 @@ class Backend:
                 else:
                     w = math.exp(-(now - self.stamp) / DECAY_S)
                     self.sample_size = self.sample_size * w + size_f * (1.0 - w)
+            rate = seconds / score.size_units(size)
+            self.base_rate = (rate if not self.samples else self.base_rate
+                              + (rate - self.base_rate) * (BASE_FALL if rate < self.base_rate
+                                                           else BASE_RISE))
             self.ewma_s = new
             self.stamp = now
             self.samples += 1
@@ -357,13 +382,15 @@ class Router:
         return (b.ready and not b.ejection.ejected(now)
                 and (not self.max_inflight or b.inflight < self.max_inflight))
 
-    def hint(self, model: Pool, body: bytes) -> Hint | None:
-        """What ``body`` says that matters to a choice; None (nothing parsed) when the pool
-        has a single backend and there is no choice to make."""
+    def hint(self, model: Pool, body: bytes,
+             data: dict[str, Any] | None = None) -> Hint | None:
+        """What the request says that matters to a choice (from ``data``, its body already
+        parsed, when given); None (nothing looked at) when the pool has a single backend and
+        there is no choice to make."""
         group = self._group(model)
         if group is None or len(group) < 2:
             return None
-        return score.request_hint(body)
+        return score.request_hint(body) if data is None else score.hint_of(data, len(body))
 
     def observe_output(self, tokens: int) -> None:
         """One stream's answer length, for requests that set no limit."""
@@ -385,8 +412,8 @@ class Router:
         ring = self._rings.get(model)
         if ring is None:
             ring = self._rings[model] = score.build_ring([b.key for b in group])
-        best_cost = best.cost(now, tokens, stream, size)
         best_unit = best.seconds(now, tokens, stream, size)
+        best_cost = best.cost_of(best_unit, stream)
         tried = 0
         for i in score.ring_walk(ring[0], ring[1], hint.key):
             b = group[i]
@@ -408,6 +435,8 @@ class Router:
             return None
         n = len(group)
         rng = self.rng
+        if n <= score.SCAN_ALL:
+            return self._scan(group, now, exclude, tokens, stream, size)
         # A few random draws usually find two usable backends at once; scan only when most of
         # the group is unusable, so the common case stays O(1) in the size of the group.
         first = second = None
@@ -454,6 +483,19 @@ class Router:
             if c < c_best:
                 best, c_best = b, c
         return best
+
+    def _scan(self, group: list[Backend], now: float, exclude: Collection[Backend],
+              tokens: float, stream: bool, size: int) -> Backend | None:
+        """The cheapest usable backend of a small pool; near-ties broken at random."""
+        costs = [(b.cost(now, tokens, stream, size), b) for b in group
+                 if b not in exclude and self.usable(b, now)]
+        if not costs:
+            return None
+        if len(costs) == 1:
+            return costs[0][1]
+        bound = min(c for c, _ in costs) * (1.0 + score.NEAR_TIE)
+        near = [b for c, b in costs if c <= bound]
+        return near[int(self.rng.random() * len(near))]
 
     def next_change(self, model: Pool, now: float) -> float | None:
         """When the earliest ejection among ``model``'s ready backends ends, if any."""

@@ -8,9 +8,17 @@ What a choice weighs (docs/scheduler.md, "Routing", says why):
   slowly is no longer chosen for long answers. A non-streamed request is weighed by the
   backend's non-streamed answer times, kept apart: their first byte is the end of generation,
   and mixed into time to first token they would make a backend look slow for streams.
-- **load**: that time times (requests this replica has in flight there + 1 + the engine's own
-  queue), as before, and times a penalty once the engine's KV cache is nearly full (it is about
-  to queue or preempt).
+  Idle, the time to first token decays towards the device's own speed (a floor learnt from
+  its fastest answers per byte of prompt), not towards zero: an idle slow card must not look
+  fast because it has been idle.
+- **load**: that time times the queue the request would join, as a batching engine serves
+  it: 1 + requests this replica sent there still waiting for their first token + the
+  engine's own queue + ``DECODE_SHARE`` for each request already decoding (it shares the
+  batch and slows each step a little, where the one-at-a-time model counted it in full and
+  sent work to idle slow cards); times a penalty once the engine's KV cache is nearly full
+  (it is about to queue or preempt).
+- **candidates**: every usable backend of a pool of up to ``SCAN_ALL``, power of
+  ``CHOICES`` random choices in a larger one; near-ties broken at random.
 - **prefix locality**: a request's key is a hash of the opening of its prompt (chat: the
   messages up to and including the first user message; text: its first ``TEXT_KEY_CHARS``
   characters; none under ``MIN_KEY_CHARS``), which every later turn of the same conversation
@@ -28,14 +36,27 @@ from __future__ import annotations
 import bisect
 import functools
 import hashlib
+import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
-# Candidates drawn at random per choice (power of d choices; 2 is classic P2C).
+# Candidates drawn at random per choice in a large pool (power of d choices; 2 is classic
+# P2C).
 CHOICES = 4
+# A pool of up to this many usable backends is weighed in full: a random draw of a few would
+# now and then hold only slow devices, and the few costs are cheap to compute.
+SCAN_ALL = 16
+# Costs within this share of the lowest count as a tie, broken at random: replicas with the
+# same view spread their picks over like backends instead of herding onto one.
+NEAR_TIE = 0.1
+# What a request past its first token (decoding in the engine's batch) adds to the cost of
+# the next one there, against 1 for a request still waiting for its first token: a batching
+# engine decodes its running sequences together, each adding a few per cent to a step, but
+# prefills (or, on a server of one slot, serves) the waiting ones in turn.
+DECODE_SHARE = 0.1
 # Points per backend on the ring: enough for an even share of keys with a few backends.
 RING_POINTS = 16
 # The preferred backend is taken while its cost is at most this much above the P2C pick's.
@@ -71,6 +92,13 @@ class Hint:
 def stable_hash(data: bytes) -> int:
     """A 64-bit hash that is the same in every process (Python's ``hash`` is salted)."""
     return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big")
+
+
+def prefix_hash(text: str) -> int:
+    """A request's prefix key: a 64-bit position on the ring, the same in every process.
+    CRC-32 spread over 64 bits by a Fibonacci multiplier, not blake2b: a third of the time
+    for a long system prompt, and a collision only shares a preferred backend."""
+    return (zlib.crc32(text.encode()) * 0x9E3779B97F4A7C15) & 0xFFFF_FFFF_FFFF_FFFF
 
 
 def _text(content: Any) -> str:
@@ -114,11 +142,16 @@ def request_hint(body: bytes) -> Hint:
         return Hint(size=len(body))
     if not isinstance(data, dict):
         return Hint(size=len(body))
+    return hint_of(data, len(body))
+
+
+def hint_of(data: dict[str, Any], size: int) -> Hint:
+    """The :class:`Hint` of a request already parsed (``size``: its body's bytes)."""
     text = prefix_text(data)
     limit = data.get("max_completion_tokens") or data.get("max_tokens")
-    return Hint(key=stable_hash(text.encode()) if text and len(text) >= MIN_KEY_CHARS else None,
+    return Hint(key=prefix_hash(text) if text and len(text) >= MIN_KEY_CHARS else None,
                 max_tokens=limit if isinstance(limit, int) and limit > 0 else None,
-                stream=data.get("stream") is True, size=len(body))
+                stream=data.get("stream") is True, size=size)
 
 
 # -- the ring --------------------------------------------------------------------------------
@@ -152,6 +185,12 @@ def ring_walk(points: list[int], owners: list[int], key: int,
 
 # -- the cost --------------------------------------------------------------------------------
 
+def size_units(size: int) -> float:
+    """The prompt size a time to first token is counted per: the body's bytes, at least the
+    floor of fixed costs (the floor for an unknown size)."""
+    return float(max(size, SIZE_FLOOR))
+
+
 def size_factor(size: int, sampled_size: float) -> float:
     """How much longer than its sampled requests' a request of ``size`` bytes takes to its
     first token: prefill is proportional to the prompt, above a floor of fixed costs."""
@@ -175,9 +214,11 @@ def kv_factor(kv: float) -> float:
     return 1.0 + (min(kv, 1.0) - KV_SOFT) / (1.0 - KV_SOFT)
 
 
-def cost(seconds: float, inflight: int, waiting: int, kv: float) -> float:
-    """A backend's cost for a request: its expected time times the queue it would join."""
-    return seconds * (inflight + 1 + waiting) * kv_factor(kv)
+def cost(seconds: float, pending: int, decoding: int, waiting: int, kv: float) -> float:
+    """A backend's cost for a request: its expected time times the queue it would join, in
+    which requests still waiting for their first token (``pending``) and the engine's own
+    queue count in full and requests already decoding count ``DECODE_SHARE`` each."""
+    return seconds * (1 + pending + waiting + DECODE_SHARE * decoding) * kv_factor(kv)
 
 
 def within_slack(preferred: float, best: float, unit: float,

@@ -59,11 +59,19 @@ def test_no_candidate_gives_none() -> None:
 
 
 def test_faster_backend_gets_most_traffic_slower_still_some() -> None:
+    # A small pool is weighed in full: the cheapest takes every request while it stays so.
     r = router_with(rec("fast", latency_ms=5), rec("slow", latency_ms=50), rec("mid",
                     latency_ms=20))
-    counts = picks(r, n=3000)
-    # P2C: the cheapest wins every pair it is drawn in; the costliest never wins a pair.
-    assert counts["n1/fast"] > counts["n1/mid"] > counts["n1/slow"]
+    assert picks(r, n=500) == {"n1/fast": 500}
+    # A large pool draws a few candidates (power of d choices): the cheapest wins every draw
+    # it is in, and the costliest wins only a draw of costliest ones.
+    r = router_with(*[rec(f"fast{i}", latency_ms=5) for i in range(10)],
+                    *[rec(f"mid{i}", latency_ms=20) for i in range(10)],
+                    *[rec(f"slow{i}", latency_ms=50) for i in range(10)])
+    kinds = Counter(key.removeprefix("n1/").rstrip("0123456789")
+                    for key in picks(r, n=3000).elements())
+    assert kinds["fast"] > kinds["mid"] > kinds["slow"]
+    assert kinds["slow"] < 0.05 * 3000
 
 
 def test_measured_latency_replaces_the_probe_seed() -> None:

@@ -68,12 +68,16 @@ def test_text_prompts_key_on_their_opening_and_junk_has_no_key() -> None:
 
 
 def test_the_hash_is_the_same_in_every_process() -> None:
-    # Python's hash() is salted per process; replicas must agree, so the key is blake2b.
-    code = "from scheduler.score import stable_hash; print(stable_hash(b'aivmm'))"
+    # Python's hash() is salted per process; replicas must agree on ring points and keys.
+    code = ("from scheduler.score import stable_hash, prefix_hash; "
+            "print(stable_hash(b'aivmm'), prefix_hash('aivmm'))")
     seen = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                            check=True, env={**os.environ, "PYTHONHASHSEED": seed}).stdout
             for seed in ("1", "2")}
-    assert seen == {f"{score.stable_hash(b'aivmm')}\n"}
+    assert seen == {f"{score.stable_hash(b'aivmm')} {score.prefix_hash('aivmm')}\n"}
+    # Keys land all over the ring's 64 bits, not in a corner of it.
+    keys = [score.prefix_hash(f"conversation {i}") for i in range(1000)]
+    assert min(keys) < 2**60 and max(keys) > 2**64 - 2**60 and len(set(keys)) == 1000
 
 
 # --- prefix locality ----------------------------------------------------------------------------
@@ -112,6 +116,8 @@ def test_a_backend_joining_moves_only_its_share_of_keys() -> None:
 
 def test_a_busy_preferred_backend_spills_over_to_the_cheapest() -> None:
     r = router(NAMES)
+    for b in r.backends.values():
+        b.observe(0.5, 100.0, streamed=False)  # each answered once: past its slow start
     hint = request_hint(chat("hot session"))
     preferred = r.choose("m", 100.0, hint=hint)
     assert preferred is not None
@@ -210,3 +216,93 @@ def test_a_long_prompt_goes_where_prefill_is_fast() -> None:
     assert {r.choose("m", 100.0, hint=Hint(stream=True)) for _ in range(50)} == {small}
     assert score.size_factor(0, 5000.0) == 1.0 and score.size_factor(100, 0.0) == 1.0
     assert score.size_factor(100, 2048.0) == 1.0  # under the floor: fixed costs only
+
+
+# --- load as a batching engine serves it; a small pool weighed in full ---------------------------
+
+def test_requests_decoding_in_a_batch_weigh_less_than_requests_waiting() -> None:
+    r = router(["busy", "idle"])
+    busy, idle = r.backends["n1/busy"], r.backends["n1/idle"]
+    busy.observe(0.10, 100.0)
+    idle.observe(0.20, 100.0)
+    # Five answers already streaming from busy's batch slow its steps a little: the next
+    # request still starts and ends sooner there than on the slower idle device.
+    busy.inflight, busy.pending = 5, 0
+    assert {r.choose("m", 100.0) for _ in range(50)} == {busy}
+    # Five waiting for their first token are a queue the next request joins behind.
+    busy.pending = 5
+    assert {r.choose("m", 100.0) for _ in range(50)} == {idle}
+
+
+def test_an_idle_slow_device_does_not_come_to_look_fast() -> None:
+    r = router(["fast", "slow"])
+    fast, slow = r.backends["n1/fast"], r.backends["n1/slow"]
+    for t in range(5):
+        fast.observe(0.05, 100.0 + t, size=4000)
+        slow.observe(1.00, 100.0 + t, size=4000)
+    fast.inflight = 4  # decoding
+    # A minute later slow has had no traffic and its peak-EWMA has decayed to almost
+    # nothing; its floor, learnt from its own best answers, still says what it is.
+    later = 160.0
+    assert slow.latency(later) < 0.01
+    hint = Hint(stream=True, size=4000)
+    assert {r.choose("m", later, hint=hint) for _ in range(50)} == {fast}
+    assert slow.seconds(later, size=4000) == pytest.approx(1.0)
+
+
+def test_the_floor_falls_to_a_faster_answer_and_rises_slowly() -> None:
+    r = router(["a"])
+    a = r.backends["n1/a"]
+    a.observe(0.2, 100.0, size=2048)
+    a.observe(0.1, 100.0, size=2048)
+    assert a.base_rate * 2048 == pytest.approx(0.15)
+    for _ in range(3):
+        a.observe(2.0, 100.0, size=2048)  # a loaded spell
+    assert a.base_rate * 2048 < 0.5
+    # The floor is per unit of prompt: a long prompt's answer floors a short one's time in
+    # proportion, long after the peak has decayed.
+    b = router(["b"]).backends["n1/b"]
+    b.observe(1.0, 100.0, size=20_480)
+    assert b.seconds(1000.0, size=20_480) == pytest.approx(1.0)
+    assert b.seconds(1000.0, size=4096) == pytest.approx(0.2)
+
+
+def test_a_small_pool_of_unlike_devices_never_draws_only_slow_ones() -> None:
+    # Two fast devices and four slow ones, all idle: four random candidates of six hold no
+    # fast one about one time in fifteen. Weighed in full, none of 1,000 goes to a slow one.
+    r = Router(random.Random(3))
+    for name, ms in (("fast0", 10.0), ("fast1", 10.0), ("slow0", 80.0), ("slow1", 80.0),
+                     ("slow2", 80.0), ("slow3", 80.0)):
+        r.upsert(f"n1/{name}", rec(name, latency_ms=ms))
+    counts = Counter(b.name for b in (r.choose("m", 100.0) for _ in range(1000)) if b)
+    assert set(counts) == {"fast0", "fast1"}
+    assert 400 < counts["fast0"] < 600  # like backends share the traffic
+
+
+def test_a_first_byte_ends_the_wait_but_not_the_request() -> None:
+    r = router(["a"])
+    a = r.backends["n1/a"]
+    a.observe(0.1, 100.0)
+    a.inflight, a.pending = 1, 1
+    waiting = a.cost(100.0)
+    a.pending = 0
+    assert a.cost(100.0) < waiting
+    a.inflight = 0
+    assert a.cost(100.0) < waiting
+
+
+def test_a_backend_takes_one_request_at_a_time_until_its_first_answer() -> None:
+    r = router(["known", "new"])
+    known, new = r.backends["n1/known"], r.backends["n1/new"]
+    known.observe(0.5, 100.0)
+    known.observe(3.0, 100.0, streamed=False)
+    known.inflight = 6  # decoding: cost 1.6 x 0.5 s, far above new's 10 ms probe figure
+    assert r.choose("m", 100.0) is new
+    new.inflight = new.pending = 1
+    # Its probe figure says nothing of a request's time: no second one before it answers.
+    assert {r.choose("m", 100.0) for _ in range(50)} == {known}
+    new.observe(0.2, 100.0)
+    new.pending = 0
+    assert r.choose("m", 100.0) is new
+    # A kind of request it has not answered yet (non-streamed) starts slow again.
+    assert {r.choose("m", 100.0, hint=Hint(stream=False)) for _ in range(50)} == {known}
