@@ -53,3 +53,9 @@ def test_deployments_bench_runs_small() -> None:
                 "--placer-ttl", "2", "--steady", "1", "--failover-replicas", "2")
     assert "| **deploy → all assigned in etcd**" in out
     assert "5 nodes x 2 GPUs" in out
+
+
+def test_decision_bench_runs_small() -> None:
+    out = bench("decision", "--models", "2", "--per-model", "20", "--decisions", "200")
+    assert "40 backends (2 models x 20)" in out
+    assert "| pool of 6 weighed in full, prefix hint |" in out
