@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import sys
 import time
@@ -352,9 +353,16 @@ def _main(argv: Sequence[str] | None) -> int:
         text = _json(file_sd(view["nodes"]))
         if args.output:
             tmp = f"{args.output}.tmp"
-            with open(tmp, "w") as f:
-                f.write(text)
-            os.replace(tmp, args.output)  # Prometheus never reads a half-written file
+            try:
+                with open(tmp, "w") as f:
+                    f.write(text)
+                os.replace(tmp, args.output)  # Prometheus never reads a half-written file
+            except OSError as err:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                print(f"aivmmctl: cannot write {args.output}: {err.strerror or err}",
+                      file=sys.stderr)
+                return 1
         else:
             sys.stdout.write(text)
         return 0

@@ -128,6 +128,15 @@ async def test_prometheus_targets_lists_every_agent(cluster: str, prefix: str,
     assert orjson.loads(path.read_text()) == [
         {"targets": ["10.0.0.6:9410"], "labels": {"node": "arc-b"}},
         {"targets": ["10.0.0.5:9410"], "labels": {"node": "gpu-a"}}]
+    # A path that cannot be written is one clear line, not a traceback, and the file that
+    # was there stays as it was.
+    before = path.read_text()
+    for bad in (tmp_path / "no-such-dir" / "agents.json", tmp_path):
+        out = await ctl(cluster, prefix, "prometheus-targets", "-o", str(bad))
+        assert out.returncode == 1
+        assert out.stderr.startswith(f"aivmmctl: cannot write {bad}: "), out.stderr
+        assert "Traceback" not in out.stderr
+    assert path.read_text() == before
 
 
 @pytest.mark.parametrize("verb", [["status"], ["backends"], ["drain", "n1"], ["deployments"],
