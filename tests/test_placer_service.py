@@ -238,6 +238,9 @@ def test_the_timer_runs_from_the_assignment_when_it_is_newer() -> None:
     f = StartFailures(replace_after=10)
     view = fleet(assignment("d", 0, "n1", assigned_at=105), None)
     assert f.observe(view, 100) == []
+    # The next decision is due when that timer ends, and never at a time already past (the
+    # placer would wake again and again with nothing to decide).
+    assert f.next_deadline(100) == 115 and f.next_deadline(112) == 115
     assert f.observe(view, 114) == []
     [line] = f.observe(view, 115)
     assert "no backend" in line

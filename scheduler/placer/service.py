@@ -168,6 +168,7 @@ def _placement_view(record: Any) -> Any:
 class _Unready:
     since: float
     restarts: int = 0  # the backend's restart count when it stopped being ready
+    assigned_at: float = 0.0  # its assignment's time: the timer runs from the later one
     # While the agent fetches the model (state "downloading", docs/models.md): since when,
     # the bytes last seen and when they last grew.
     downloading: bool = False
@@ -235,6 +236,7 @@ class StartFailures:
             else:
                 if track.downloading:  # fetched: the engine's start is timed from now
                     track.downloading, track.since = False, now
+                track.assigned_at = a.assigned_at
                 started = max(track.since, a.assigned_at)
                 # Restarts since it stopped being ready: a lifetime total would move a
                 # replica the first time it blinks after weeks of occasional crashes.
@@ -265,12 +267,16 @@ class StartFailures:
         return out
 
     def next_deadline(self, now: float) -> float | None:
-        """When the next decision may change with no event: an avoid ending, a timer."""
-        times = [until for until in self._avoid.values() if until > now]
+        """When the next decision may change with no event (an avoid ending, a timer), if
+        one is still to come: a time already past would wake the placer at once, again and
+        again, with nothing to decide."""
+        times = [until for until in self._avoid.values()]
         times += [min(t.progress_at + self.replace_after,
                       t.download_since + self.download_limit) if t.downloading
-                  else t.since + self.replace_after for t in self._unready.values()]
-        return min(times) if times else None
+                  else max(t.since, t.assigned_at) + self.replace_after
+                  for t in self._unready.values()]
+        future = [t for t in times if t > now]
+        return min(future) if future else None
 
 
 def _same_status(a: PlacementStatus, b: PlacementStatus) -> bool:
@@ -474,7 +480,10 @@ class Placer:
                 # A burst of events (an agent registering 16 backends) is one decision.
                 await asyncio.sleep(self.debounce)
                 nudge.clear()
-                was_dirty = dirty.is_set()
+                # A timer that came due (a replica that did not start, an avoid ending) is
+                # decided now, not at the next periodic pass.
+                timer_due = deadline is not None and time.time() >= deadline
+                was_dirty = dirty.is_set() or timer_due
                 dirty.clear()
                 # A load sample alone asks for no placement unless the autoscaler changed a
                 # count, a replica drains, or the periodic pass is due.
