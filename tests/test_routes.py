@@ -292,8 +292,13 @@ async def test_guard_zeroes_a_failing_target_until_restored(
     (trip,) = record.tripped
     assert trip.target == "llama-h200" and trip.errors >= 4 and trip.requests >= 4
     assert "error rate" in trip.reason and trip.by
-    # Both replicas send nothing more to it.
-    await asyncio.sleep(0.3)
+    # Both replicas send nothing more to it, once each has the trip (the other one from the
+    # record's watch).
+
+    async def both_tripped() -> bool:
+        return all(any(t.target == "llama-h200"
+                       for t in s.app[ROUTES].table.routes["chat"].tripped) for s in pair)
+    await until(both_tripped, 10, "the trip on both replicas")
     async with aiohttp.ClientSession() as session:
         after = await fire(session, pair, "chat", 100, concurrency=4)
     assert after == {(200, "chat/llama-arc"): 100}
