@@ -51,7 +51,11 @@ NOTIFY_S = 1.0  # progress is published at most this often
 RATE_WINDOW_S = 10.0
 LOCK_CHECK_S = 5.0  # the holder checks it still holds the lock this often
 WAIT_POLL_S = 1.0  # a waiter looks at the lock and the files this often
-PUBLISH_S = 10.0  # the models record is rescanned at least this often
+REMOVALS_POLL_S = 2.0  # removal requests are looked for, and the directory scanned, this often
+# Free space that moved by less than this is written at most every FREE_SPACE_S: any write
+# to the disk changes it, and a put every poll from every node is etcd load for nothing.
+FREE_SPACE_STEP = 256 * 2**20
+FREE_SPACE_S = 30.0
 GIB = 2**30
 
 
@@ -443,6 +447,8 @@ class ModelManager:
         """Keep ``{prefix}/models/{node}`` current (under the heartbeat lease) and act on
         removal requests for this node."""
         last: tuple[bytes, int | None] | None = None
+        written_at = 0.0
+        free_written: int | None = None
         while True:
             try:
                 await self._removals(store, keys, in_use)
@@ -450,13 +456,17 @@ class ModelManager:
                 if lease_id is not None:
                     record = await asyncio.to_thread(self.record, in_use(),
                                                      self.downloading())
-                    record.updated_at = 0.0
-                    body = dump(record)
-                    if last != (body, lease_id):
-                        record.updated_at = time.time()
+                    free, record.updated_at = record.free_bytes, 0.0
+                    if free is not None:
+                        record.free_bytes = free // FREE_SPACE_STEP
+                    body = dump(record)  # what the comparison sees: free space coarse
+                    now = time.monotonic()
+                    if last != (body, lease_id) or (now - written_at >= FREE_SPACE_S
+                                                    and free != free_written):
+                        record.free_bytes, record.updated_at = free, time.time()
                         await store.put(keys.models_of(self.node), dump(record),
                                         lease=lease_id)
-                        last = (body, lease_id)
+                        last, written_at, free_written = (body, lease_id), now, free
             except StoreError as err:
                 log.debug("models record not written: %s", err)
                 last = None
@@ -468,7 +478,7 @@ class ModelManager:
                 log.exception("models record not built; trying again")
             self._publish.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._publish.wait(), 2.0)
+                await asyncio.wait_for(self._publish.wait(), REMOVALS_POLL_S)
 
     async def _removals(self, store: Store, keys: Keys,
                         in_use: Callable[[], dict[str, list[str]]]) -> None:
