@@ -428,8 +428,10 @@ class Proxy:
         loop = asyncio.get_running_loop()
         # The loop's clock and self.clock may differ; carry the deadline over as a remainder.
         end = loop.time() + (deadline - self.clock())
-        # SSE events relayed, for the backend's decode speed (one token per event, roughly).
-        events = first.count(b"data:") if sse else 0
+        # SSE events relayed, for the backend's decode speed (one token per event, roughly),
+        # counted here only when no tap counts them already (its usage figure is exact).
+        counting = sse and tap is None
+        events = first.count(b"data:") if counting else 0
         first_at = self.clock()
         # One timer for the whole relay, re-armed for each step: a read from the backend may
         # take stream_idle_timeout (and not outlive the request), a write to the client
@@ -454,10 +456,13 @@ class Proxy:
                             await resp.write(hide.flush())
                         await resp.write_eof()
                         if sse:
-                            self._stream_done(b, events, self.clock() - first_at)
+                            # Events less the finish chunk and [DONE], or the tap's figure.
+                            self._stream_done(b, events - 2 if tap is None
+                                              else tap.output_tokens(),
+                                              self.clock() - first_at)
                         return resp, True
                     await resp.write(chunk if hide is None else hide.feed(chunk))
-                    if sse:
+                    if counting:
                         events += chunk.count(b"data:")
                     if tap is not None:
                         tap.chunk(chunk)
@@ -502,10 +507,9 @@ class Proxy:
         finally:
             self._relaying.discard(up)
 
-    def _stream_done(self, b: Backend, events: int, seconds: float) -> None:
-        """A stream ended cleanly: learn the backend's time per output token from it. Its
-        events are the tokens plus the finish chunk and ``[DONE]``."""
-        tokens = events - 2
+    def _stream_done(self, b: Backend, tokens: int, seconds: float) -> None:
+        """A stream of ``tokens`` output tokens ended cleanly after ``seconds`` from its first
+        byte: learn the backend's time per output token from it."""
         if tokens >= 2:
             b.observe_decode(seconds / (tokens - 1), self.clock())
             self.router.observe_output(tokens)

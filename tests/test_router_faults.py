@@ -24,6 +24,7 @@ from common.store import EtcdStore
 from devtools.schedharness import Scheduler, metric_value, publish
 from devtools.services import EtcdServer, free_port, until
 from devtools.simproc import SimProcess
+from scheduler.app import ROUTER
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -313,3 +314,51 @@ async def test_status_page_counts_only_served_models(etcd_server: EtcdServer, pr
                                                   "rates and the table without n1/b")
     assert body is not None
     assert set(body["models"]) == {"m"}
+
+
+# -- the score learns from real streams ---------------------------------------------------------
+
+async def test_streams_teach_each_backend_its_decode_speed_and_leave_no_count_behind(
+        etcd_server: EtcdServer, prefix: str, writer: EtcdStore) -> None:
+    # A fast and a slow device (sim profiles: 4.8 and 19.8 ms a decode step), streamed to
+    # through the scheduler with the official client, concurrently so both serve some.
+    sims = [SimProcess(["m"], name="fast", profile="h200", chunks=32),
+            SimProcess(["m"], name="slow", profile="arc-a770", chunks=32)]
+    try:
+        for sim in sims:
+            sim.start()
+            await publish(writer, prefix, sim)
+        async with Scheduler(etcd_server.url, prefix) as s:
+            await s.wait_models("m")
+            client = s.client()
+            served: Counter[str] = Counter()
+
+            async def one(i: int) -> None:
+                raw = await client.chat.completions.with_raw_response.create(
+                    model="m", stream=True, max_tokens=32,
+                    messages=[{"role": "user", "content": f"question {i}"}])
+                async for _ in raw.parse():
+                    pass
+                served[raw.headers["x-aivmm-backend"]] += 1
+            try:
+                for _ in range(3):
+                    await asyncio.gather(*(one(i) for i in range(8)))
+            finally:
+                await client.close()
+            backends = s.app[ROUTER].backends
+            assert sum(served.values()) == 24
+            for key in served:
+                b = backends[key]
+                # Learnt from the relayed events (the tap's count): tokens after the first
+                # over the time from first byte to end.
+                assert b.tpot_samples >= 1
+                step = 0.0048 if key == "n1/fast" else 0.0198
+                assert step * 0.8 < b.tpot(0.0) < step * 10, (key, b.tpot(0.0))
+                assert b.samples >= 1 and b.base_rate > 0
+            # Every request ended: nothing still counts as in flight or waiting.
+            assert all(b.inflight == 0 and b.pending == 0 for b in backends.values())
+            # The fast device served more than the slow one.
+            assert served["n1/fast"] > served["n1/slow"], served
+    finally:
+        for sim in sims:
+            sim.stop()
