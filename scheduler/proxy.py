@@ -17,6 +17,7 @@ import logging
 import time
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -114,7 +115,9 @@ class Proxy:
         self._relaying: set[aiohttp.ClientResponse] = set()
         self.stopping = False
         # prometheus label lookups take a lock and build tuples; cache the children.
-        self._req_children: dict[tuple[str, str, int], object] = {}
+        # Metric children by (metric, labels): labels() takes a lock and builds a key on
+        # every call, a few µs a request on the hot path.
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         # (model, backend, reason) of each failover, for the status page's recent list.
         self.on_failover: Callable[[str, str, str], None] = lambda *_: None
         router.on_remove = self.forget
@@ -136,6 +139,9 @@ class Proxy:
         self.session = aiohttp.ClientSession(
             # Bodies pass through undecoded, so ask for no encoding the client did not ask for.
             connector=connector, auto_decompress=False,
+            # One session serves every client: a cookie a backend set for one must not be
+            # kept and sent with everyone's requests (and the jar costs ~10 µs a request).
+            cookie_jar=aiohttp.DummyCookieJar(),
             skip_auto_headers=("User-Agent", "Accept-Encoding", "Accept"),
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.settings.connect_timeout),
             read_bufsize=2 ** 16)
@@ -164,20 +170,22 @@ class Proxy:
 
     # -- accounting --------------------------------------------------------------------------
 
+    def _child(self, metric: Any, *labels: str) -> Any:
+        key = (id(metric), labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
     def count(self, model: str, backend: str, status: int) -> None:
         """Count one answered request (model and backend empty for a rejected one)."""
-        key = (model, backend, status)
-        child = self._req_children.get(key)
-        if child is None:
-            child = self.metrics.requests.labels(model, backend, str(status))
-            self._req_children[key] = child
-        child.inc()  # type: ignore[attr-defined]
+        self._child(self.metrics.requests, model, backend, str(status)).inc()
 
     def forget(self, b: Backend) -> None:
         """``b`` left the table: drop its metric series (and the cached children of them)."""
         self.metrics.forget_backend(b.key)
-        for key in [k for k in self._req_children if k[1] == b.key]:
-            del self._req_children[key]
+        for key in [k for k in self._children if b.key in k[1]]:
+            del self._children[key]
 
     def _fail(self, b: Backend, model: str, err: _Failed, now: float) -> None:
         self.metrics.failovers.labels(model, b.key, err.reason).inc()
@@ -319,7 +327,7 @@ class Proxy:
         finally:
             self.metrics.inflight.dec()
             self.count(model, backend_key, status)
-            self.metrics.duration.labels(model).observe(self.clock() - start)
+            self._child(self.metrics.duration, model).observe(self.clock() - start)
 
     def _can_retry(self, model: str, attempts: int, out: list[Backend],
                    pool: Pool | None = None) -> bool:
@@ -381,7 +389,7 @@ class Proxy:
                 # kept apart from the time to first token of streams.
                 b.observe(now - sent, now, streamed=up.content_type == "text/event-stream",
                           size=len(body))
-                self.metrics.ttfb.labels(model, b.key).observe(now - sent)
+                self._child(self.metrics.ttfb, model, b.key).observe(now - sent)
                 if (tap := request.get(TAP)) is not None:
                     tap.first_byte(now, b.key)
             resp, finished = await self._relay(request, up, b, model, first, deadline)

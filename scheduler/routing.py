@@ -1,15 +1,17 @@
 """Choosing a backend for a request: pure state and arithmetic, no I/O.
 
-Cost of a backend = expected time of the request there (peak-EWMA time to first token of
-streamed answers + expected tokens x learnt time per output token; for a non-streamed
-request, the backend's non-streamed answer time) x (in-flight + 1 + engine queue) x a KV-cache
-penalty (scheduler/score.py). Choice is power of two choices: draw two candidates at random,
-take the cheaper; then prefix locality: the request's preferred backend on a consistent-hash
-ring of the model's backends wins unless it costs more than a bounded slack above that pick.
-Each replica draws from its own random generator, so replicas that see the same etcd view
-spread their picks instead of herding onto the one cheapest backend; the ring is the same on
-every replica. Candidates come from an index by model, so a decision costs the same however
-many backends the cluster has.
+Cost of a backend = expected time of the request there (time to first token of streamed
+answers, floored at the device's own speed, + expected tokens x learnt time per output token;
+for a non-streamed request, the backend's non-streamed answer time) x the queue it would join
+as a batching engine serves it (requests waiting for their first token and the engine's queue
+in full, requests decoding a tenth each) x a KV-cache penalty (scheduler/score.py). A pool of
+up to ``score.SCAN_ALL`` backends is weighed in full, a larger one by power of d random
+choices; near-ties are broken by each replica's own random generator, so replicas that see
+the same etcd view spread their picks instead of herding. Then prefix locality: the
+request's preferred backend on a consistent-hash ring of the pool (the same on every
+replica) wins unless it costs more than a bounded slack above that pick. Candidates come
+from an index by model, so a decision in a large pool costs the same however many backends
+the cluster has.
 """
 
 from __future__ import annotations
@@ -398,8 +400,8 @@ class Router:
 
     def choose(self, model: Pool, now: float, exclude: Collection[Backend] = (),
                hint: Hint | None = None) -> Backend | None:
-        """Power of two choices among the usable backends of ``model`` (a model id, or a
-        :class:`Deployed` pool) not in ``exclude``, then the request's preferred backend by
+        """The cheapest usable backend of ``model`` (a model id, or a :class:`Deployed` pool)
+        not in ``exclude`` (all weighed, or d drawn), then the request's preferred backend by
         prefix, within bounds (module docstring)."""
         tokens = float(hint.max_tokens or self.mean_output) if hint else self.mean_output
         stream = hint.stream if hint else True
@@ -487,6 +489,9 @@ class Router:
     def _scan(self, group: list[Backend], now: float, exclude: Collection[Backend],
               tokens: float, stream: bool, size: int) -> Backend | None:
         """The cheapest usable backend of a small pool; near-ties broken at random."""
+        if len(group) == 1:  # nothing to weigh (the common single-replica model)
+            b = group[0]
+            return b if b not in exclude and self.usable(b, now) else None
         costs = [(b.cost(now, tokens, stream, size), b) for b in group
                  if b not in exclude and self.usable(b, now)]
         if not costs:

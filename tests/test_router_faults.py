@@ -64,10 +64,14 @@ async def engine() -> AsyncIterator[Engine]:
     async def chat(request: web.Request) -> web.Response:
         eng.seen.append((request.path_qs, dict(request.headers)))
         body = await request.json()
-        return web.json_response({
+        resp = web.json_response({
             "id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
             "choices": [{"index": 0, "finish_reason": "stop",
                          "message": {"role": "assistant", "content": "hello"}}]})
+        # Engines behind a load balancer may set a sticky-session cookie; it is for the
+        # client that got this answer.
+        resp.set_cookie("route", f"for-{request.headers.get('x-client', 'anyone')}")
+        return resp
 
     async def endless(request: web.Request) -> web.StreamResponse:
         # An SSE stream of large events, as fast as the reader takes them, until the
@@ -205,6 +209,28 @@ async def test_expect_continue_is_not_forwarded(etcd_server: EtcdServer, prefix:
     [(path, headers)] = engine.seen
     assert path == "/v1/chat/completions"
     assert "expect" not in {k.lower() for k in headers}
+
+
+async def test_a_backends_cookie_is_not_replayed_to_it_for_other_clients(
+        etcd_server: EtcdServer, prefix: str, writer: EtcdStore, engine: Engine) -> None:
+    # The proxy's one upstream session must not keep what a backend set for one client and
+    # send it along with everyone else's requests. By host name: aiohttp's cookie jar keeps
+    # no cookie of a bare IP address, but a fleet's backends have names.
+    record = BackendRecord(node="n1", name="eng", models=["m"], state="ready",
+                           url=f"http://localhost:{engine.port}", engine="custom",
+                           probe_latency_ms=1.0, updated_at=time.time())
+    await writer.put(Keys(prefix).backend("n1", "eng"), dump(record))
+    async with Scheduler(etcd_server.url, prefix) as s:
+        await s.wait_models("m")
+        for client in ("alice", "bob"):
+            async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as c, \
+                    c.post(s.url + "/v1/chat/completions", headers={"x-client": client},
+                           json={"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+                           ) as r:
+                assert r.status == 200
+                assert r.headers["Set-Cookie"].startswith(f"route=for-{client}")
+    assert len(engine.seen) == 2
+    assert all("cookie" not in {k.lower() for k in headers} for _, headers in engine.seen)
 
 
 async def test_absolute_form_target_goes_to_the_right_path(
