@@ -410,12 +410,13 @@ def render_deployments(views: list[dict[str, Any]], skipped: int, table: Table) 
         [[v["name"], v["model"], v["engine"], v["policy"], str(v["desired"]),
           str(v["placed"]), str(v["ready"]), pending_text(v)] for v in views])]
     rows = [[v["name"], "-" if r["replica"] is None else str(r["replica"]), r["node"],
-             gpus_text(r), r["backend"],
+             r["vendor"] or "-", gpus_text(r), r["backend"],
              _state_text(r) if r["assigned"] else f"{r['state']} (removing)",
              r["error"] or ""]
             for v in views for r in v["replicas"]]
     out += ["", f"REPLICAS ({len(rows)})",
-            table(["DEPLOYMENT", "REPLICA", "NODE", "GPUS", "BACKEND", "STATE", "ERROR"], rows)]
+            table(["DEPLOYMENT", "REPLICA", "NODE", "VENDOR", "GPUS", "BACKEND", "STATE",
+                   "ERROR"], rows)]
     if skipped:
         out += ["", f"warning: {skipped} record(s) could not be parsed and were skipped"]
     return "\n".join(out)

@@ -241,10 +241,12 @@ async def test_deployments_table_shows_counts_placement_and_why_pending(
     assert row["mistral"].endswith("  2: waiting for the placer")
     replicas = [ln.split() for ln in lines[lines.index("REPLICAS (4)") + 2:]
                 if ln.strip() and not ln.startswith("warning")]
-    assert ["llama", "0", "gpu-a", "0,1", "llama-0", "ready"] in replicas
-    assert ["llama", "1", "gpu-b", "2,3", "llama-1", "starting"] in replicas
-    assert ["llama", "-", "gpu-c", "-", "llama-1", "ready", "(removing)"] in replicas
-    assert ["qwen", "0", "arc-b", "0", "(20.0", "GiB)", "qwen-0", "assigned"] in replicas
+    # Which vendor each replica landed on: a deployment may span vendors.
+    assert ["llama", "0", "gpu-a", "nvidia", "0,1", "llama-0", "ready"] in replicas
+    assert ["llama", "1", "gpu-b", "nvidia", "2,3", "llama-1", "starting"] in replicas
+    assert ["llama", "-", "gpu-c", "nvidia", "-", "llama-1", "ready", "(removing)"] in replicas
+    assert ["qwen", "0", "arc-b", "intel", "0", "(20.0", "GiB)", "qwen-0", "assigned"] \
+        in replicas
     assert lines[-1] == "warning: 1 record(s) could not be parsed and were skipped"
     assert "secret" not in out.stdout
 
