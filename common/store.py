@@ -725,6 +725,13 @@ class EtcdStore:
                     first = await stream.call.read()
                 if first is grpc.aio.EOF:
                     raise _Retry("watch stream ended before it was created")
+                if (first.canceled and conn.token is not None
+                        and any(m in first.cancel_reason for m in _TOKEN_EXPIRED)):
+                    # etcd refuses a watch with an expired token in the stream's first
+                    # answer, not as an RPC error: log in again on the next attempt, or the
+                    # watch is refused for ever while nothing else renews the token.
+                    conn.token = None
+                    raise _Retry(f"watch refused: {first.cancel_reason}")
             except BaseException:
                 await stream.end()
                 raise

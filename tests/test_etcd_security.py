@@ -160,6 +160,21 @@ async def test_roles_and_auth(tls_etcd: EtcdServer, certs: Certs, passwords: Pat
 
     async with login("aivmm-operator") as operator:
         assert await can(operator, "put", f"{P}/deployments/d")
+        # A watch created after the token expired, with no call before it to renew the
+        # token (a broken watch resuming from its revision), logs in again too: it was
+        # refused for ever while nothing else used the connection.
+        async with login("aivmm-scheduler") as sched:
+            rev = (await sched.get_prefix(f"{P}/deployments/")).revision
+            await asyncio.sleep(3)  # past --auth-token-ttl, idle
+
+            async def first_event() -> str:
+                async for event in sched.watch_prefix(f"{P}/deployments/", rev + 1):
+                    return event.key
+                return ""
+            # From rev + 1: the put is seen whether it lands before the watch exists or after.
+            watching = asyncio.create_task(first_event())
+            await operator.put(f"{P}/deployments/after-expiry", b"{}")
+            assert await asyncio.wait_for(watching, 10) == f"{P}/deployments/after-expiry"
 
     async with login("aivmm-agent-n1", "wrong") as bad:
         with pytest.raises(AuthFailed):
