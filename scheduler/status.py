@@ -24,6 +24,7 @@ from common.deployview import deployment_views, read_records
 from common.keys import Keys
 from common.records import BackendRecord, RecordError, parse_backend, parse_node, to_dict
 from common.routeview import backend_costs, read_routes, route_views
+from scheduler import score
 from scheduler.routing import Router
 
 log = logging.getLogger(__name__)
@@ -173,7 +174,12 @@ def cluster(router: Router, view: EtcdView, rates: dict[tuple[str, str], float] 
             "error": record.get("error"),
             "latency_ms": round(b.latency(now) * 1000, 2),
             "probe_latency_ms": record.get("probe_latency_ms"),
-            "inflight": b.inflight, "waiting": b.waiting,
+            "inflight": b.inflight, "pending": b.pending, "waiting": b.waiting,
+            # What the router learnt of the device: decode speed, and the floor of time to
+            # first token per 2 KiB of prompt (docs/scheduler.md, "The cost").
+            "tpot_ms": round(b.tpot(now) * 1000, 2) if b.tpot_samples else None,
+            "ttft_floor_ms": round(b.base_rate * score.SIZE_FLOOR * 1000, 2)
+            if b.samples else None,
             "cost_per_mtok": view.costs.get(b.key, {}).get("cost_per_mtok"),
             "rate": None if rates is None else round(per_backend.get(b.key, 0.0), 3)})
     return {

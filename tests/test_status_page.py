@@ -134,7 +134,8 @@ async def test_cluster_json_shows_nodes_gpus_backends_rates_and_failovers(
                       "arc-node-b/ipex-0": "ready", "arc-node-b/ipex-1": "unhealthy"}
     live = next(b for b in body["backends"] if b["key"] == "gpu-node-a/vllm-0")
     assert live["probe_latency_ms"] == 4.2 and live["latency_ms"] > 0
-    assert live["engine"] == "sim" and live["inflight"] == 0
+    assert live["engine"] == "sim" and live["inflight"] == 0 and live["pending"] == 0
+    assert {"tpot_ms", "ttft_floor_ms", "waiting"} <= set(live)
     sick = next(b for b in body["backends"] if b["key"] == "arc-node-b/ipex-1")
     assert sick["error"] == "probe: connection refused"
     assert body["failovers"] and {f["backend"] for f in body["failovers"]} == {
