@@ -114,7 +114,6 @@ class Proxy:
         # Upstream responses being relayed; cut (with an SSE error event) when stopping.
         self._relaying: set[aiohttp.ClientResponse] = set()
         self.stopping = False
-        # prometheus label lookups take a lock and build tuples; cache the children.
         # Metric children by (metric, labels): labels() takes a lock and builds a key on
         # every call, a few µs a request on the hot path.
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
