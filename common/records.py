@@ -315,6 +315,11 @@ class PlacementStatus:
     # last changed it (a new leader goes on from these).
     desired: int | None = None
     scaled_at: float = 0.0
+    # Nodes where this deployment's replicas did not start: avoided until the given time
+    # (Unix seconds), and how many times each failed (the next hold doubles). A new leader
+    # goes on from these instead of placing there again at once.
+    avoid: dict[str, float] = field(default_factory=dict)
+    strikes: dict[str, int] = field(default_factory=dict)
     schema: int = SCHEMA
 
 
@@ -592,10 +597,16 @@ def _check_for(tp: Any) -> Check:
             return [each(item) for item in v]
         return check_list
     if origin is dict:
-        def check_dict(v: Any) -> dict[str, str]:
-            if not isinstance(v, dict) or not all(isinstance(x, str) for x in v.values()):
-                raise TypeError("an object of strings")
-            return dict(v)
+        value = _check_for(args[1])
+        what = {str: "strings", int: "integers", float: "numbers"}.get(args[1], "values")
+
+        def check_dict(v: Any) -> dict[str, Any]:
+            if not isinstance(v, dict):
+                raise TypeError(f"an object of {what}")
+            try:
+                return {k: value(x) for k, x in v.items()}
+            except TypeError:
+                raise TypeError(f"an object of {what}") from None
         return check_dict
     if origin is Literal:
         def check_choice(v: Any) -> Any:

@@ -494,6 +494,56 @@ async def test_the_running_placer_places_moves_off_a_dead_node_and_resigns(
     assert await writer.get(keys.placer_leader) is None  # resigned: the lease was revoked
 
 
+async def test_a_new_leader_keeps_avoiding_where_a_replica_did_not_start(
+        prefix: str, writer: EtcdStore) -> None:
+    # The avoid list lived in the leader's memory: after a failover the new leader put a
+    # replica straight back on the node where it had just failed to start.
+    keys = Keys(prefix)
+    await writer.put_many([(keys.node("n1"), dump(node("n1"))),
+                           (keys.node("n2"), dump(node("n2"))),
+                           (keys.deployment("d"), dump(deployment("d")))])
+
+    async def status() -> PlacementStatus:
+        return parse_placement(await writer.get(keys.placement("d")) or b"")
+
+    def leading(holder: str) -> asyncio.Task[None]:
+        # No backend ever becomes ready here: each replica fails to start after 0.5 s.
+        placer = Placer(writer, keys, holder, ttl=2, replace_after=0.5)
+        return asyncio.create_task(placer.run(), name=f"placer-{holder}")
+
+    task = leading("a")
+    try:
+        [first] = await until(lambda: assignments_in(writer, keys), 10, "an assignment")
+        failed_on = first.node
+
+        async def avoided() -> PlacementStatus | None:
+            s = await status()
+            return s if failed_on in s.avoid else None
+        recorded = await until(avoided, 10, f"{failed_on} avoided in the status")
+        assert recorded.strikes == {failed_on: 1}
+        assert recorded.avoid[failed_on] > time.time() + 30  # held for avoid_base (60 s)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    # A new leader (another process would be the same: it knows only what etcd holds).
+    task = leading("b")
+    try:
+        async def both_avoided() -> PlacementStatus | None:
+            s = await status()
+            return s if len(s.avoid) == 2 and s.placer == "b" else None
+        final = await until(both_avoided, 10, "the second node avoided too")
+        # The replica failed on the other node as well and has nowhere left to go: it
+        # waits, rather than going back where it failed a moment ago.
+        assert (final.placed, final.pending) == (0, 1)
+        assert failed_on not in {x.node for x in await assignments_in(writer, keys)}
+        assert final.strikes == {"n1": 1, "n2": 1}
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
 def test_a_heartbeat_or_probe_jitter_asks_for_no_new_decision() -> None:
     keys = Keys("/p")
     view = FleetView(keys)

@@ -133,7 +133,7 @@ def _non_default(tp: object, name: str) -> object:
     if origin is list:
         return [_non_default(args[0], name), _non_default(args[0], name + "2")]
     if origin is dict:
-        return {"k-" + name: "v-" + name}
+        return {"k-" + name: _non_default(args[1], name)}
     if origin is typing.Literal:
         return args[-1]  # defaults are the first choice where a Literal has one
     if dataclasses.is_dataclass(tp):
@@ -193,3 +193,17 @@ def test_assignment_names_its_backend() -> None:
     assert keys.assignment("n1", a.name) == "/p/assignments/n1/llama-2"
     assert keys.split_assignment("/p/assignments/n1/llama-2") == ("n1", "llama-2")
     assert keys.split_assignment("/p/assignments/n1") is None
+
+
+def test_an_object_field_checks_its_values_too() -> None:
+    good = {"schema": 1, "deployment": "d", "placed": 0, "pending": 1,
+            "avoid": {"n1": 1700000000},
+            "strikes": {"n1": 2}}
+    status = parse_placement(orjson.dumps(good))
+    assert status.avoid == {"n1": 1700000000.0} and status.strikes == {"n1": 2}
+    for field, value, what in (("strikes", {"n1": "two"}, "integers"),
+                               ("strikes", {"n1": True}, "integers"),
+                               ("avoid", {"n1": None}, "numbers"),
+                               ("avoid", ["n1"], "numbers")):
+        with pytest.raises(RecordError, match=f"field '{field}': expected an object of {what}"):
+            parse_placement(orjson.dumps({**good, field: value}))

@@ -266,6 +266,24 @@ class StartFailures:
             out.setdefault(deployment, set()).add(node)
         return out
 
+    def of(self, deployment: str, now: float) -> tuple[dict[str, float], dict[str, int]]:
+        """The nodes ``deployment`` avoids now (node: until) and its strikes per node, as
+        its placement status records them."""
+        avoid = {node: until for (d, node), until in sorted(self._avoid.items())
+                 if d == deployment and until > now}
+        strikes = {node: n for (d, node), n in sorted(self._strikes.items())
+                   if d == deployment}
+        return avoid, strikes
+
+    def restore(self, statuses: Iterable[PlacementStatus], now: float) -> None:
+        """Take up what an earlier leader recorded (:meth:`of`), keeping what this one has."""
+        for s in statuses:
+            for node, until in s.avoid.items():
+                if until > now:
+                    self._avoid.setdefault((s.deployment, node), until)
+            for node, n in s.strikes.items():
+                self._strikes.setdefault((s.deployment, node), n)
+
     def next_deadline(self, now: float) -> float | None:
         """When the next decision may change with no event (an avoid ending, a timer), if
         one is still to come: a time already past would wake the placer at once, again and
@@ -280,8 +298,8 @@ class StartFailures:
 
 
 def _same_status(a: PlacementStatus, b: PlacementStatus) -> bool:
-    return (a.placed, a.pending, a.reasons, a.desired, a.scaled_at) == \
-        (b.placed, b.pending, b.reasons, b.desired, b.scaled_at)
+    return (a.placed, a.pending, a.reasons, a.desired, a.scaled_at, a.avoid, a.strikes) == \
+        (b.placed, b.pending, b.reasons, b.desired, b.scaled_at, b.avoid, b.strikes)
 
 
 @dataclass(frozen=True, slots=True)
@@ -548,6 +566,9 @@ class Placer:
     async def place_once(self, view: FleetView, fence: Fence) -> Changes:
         """Decide from ``view`` and write the difference under ``fence``."""
         now = time.time()
+        # An earlier leader's avoids and strikes, from the statuses it wrote (a no-op for
+        # what this leader already knows).
+        self.failures.restore(view.statuses.values(), now)
         given_up = self.failures.observe(view, now)
         for line in given_up:
             log.warning(line)
@@ -572,6 +593,7 @@ class Placer:
             scaled = self.scaler.state(name)
             if scaled is not None:
                 s.desired, s.scaled_at = scaled
+            s.avoid, s.strikes = self.failures.of(name, now)
             statuses[name] = s
         self.pending = sum(s.pending for s in statuses.values())
         diff = changes(self.keys, view, assignments, statuses)
