@@ -420,7 +420,10 @@ class EtcdStore:
                                                          self._security)
             # Closing cancels the calls still on it; they see their channel replaced and retry.
             await failed.close()
-        log.info("etcd endpoint %s failed; now using %s", failed.endpoint, self.endpoint)
+        if len(self._endpoints) > 1:
+            log.info("etcd endpoint %s failed; now using %s", failed.endpoint, self.endpoint)
+        else:  # while etcd is away this comes at every retry: a line per retry hides the rest
+            log.debug("etcd endpoint %s failed; a fresh channel to it", failed.endpoint)
 
     async def _call(self, what: str, op: Callable[[_Conn], Awaitable[T]]) -> T:
         """Run ``op`` on the current endpoint, failing over while endpoints do not answer."""
