@@ -7,7 +7,7 @@ timing) and are what docs/reliability.md reports.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Generator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +95,33 @@ def figures(request: pytest.FixtureRequest) -> Iterator[Callable[..., None]]:
 
 def _fmt(value: Any) -> str:
     return f"{value:.2f}" if isinstance(value, float) else str(value)
+
+
+LOG_TAIL_LINES = 15
+
+
+def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
+    """The last ``lines`` lines of a process log above debug level, each cut to 240 chars."""
+    kept = [line[:240] for line in path.read_text(errors="replace").splitlines()
+            if "level=debug" not in line]
+    return "\n".join(kept[-lines:])
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) \
+        -> Generator[None, Any, None]:
+    """A failed fault test shows the tail of each agent's and scheduler's log.
+
+    CI keeps only the run's output, not the test's tmp dir: without these tails a failure
+    that does not reproduce here cannot be read.
+    """
+    outcome = yield
+    report = outcome.get_result()
+    tmp = getattr(item, "funcargs", {}).get("tmp_path")
+    if report.when != "call" or not report.failed or not isinstance(tmp, Path):
+        return
+    for log in sorted(tmp.glob("*.log")):
+        report.sections.append((f"tail of {log.name}", log_tail(log)))
 
 
 def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:

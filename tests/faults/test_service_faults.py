@@ -18,6 +18,7 @@ from tests.faults.conftest import Cluster
 pytestmark = pytest.mark.docker
 
 HEARTBEAT = 1.0  # the suite's agents: heartbeat_interval 1 s, lease_ttl 3 s
+LEASE_TTL = 3.0
 
 
 async def test_etcd_away_for_20s_loses_no_request_and_records_return(
@@ -37,15 +38,29 @@ async def test_etcd_away_for_20s_loses_no_request_and_records_return(
         await asyncio.to_thread(etcd_own.start)  # returns once etcd answers /health
         back_at, back = time.time(), time.monotonic()
 
+        missing: list[str] = []
+
         async def every_record_back() -> bool:
-            for node in cluster.nodes.values():
+            missing.clear()
+            for label, node in cluster.nodes.items():
                 record, backend = await node.fleet.node_record(), await node.record()
-                if record is None or record.heartbeat_at < back_at or backend is None \
-                        or backend.state != "ready":
-                    return False
-            return True
-        await until(every_record_back, 2 * HEARTBEAT + 1, "every record to be back",
-                    interval=0.05)
+                if record is None or record.heartbeat_at < back_at:
+                    missing.append(f"{label}: node record " + (
+                        "absent" if record is None
+                        else f"written {back_at - record.heartbeat_at:.2f} s before etcd"))
+                if backend is None or backend.state != "ready":
+                    missing.append(f"{label}: backend "
+                                   + ("absent" if backend is None else backend.state))
+            return not missing
+        # By design the records are back within one interval (an agent cut off retries at
+        # most an interval apart); the figure below is that time. The bound only tells a
+        # broken agent from a loaded machine: a CI run once took over 3 s, which 15 runs
+        # here under CPU stress (at most 1.1 s) never showed.
+        try:
+            await until(every_record_back, LEASE_TTL + 2 * HEARTBEAT,
+                        "every record to be back", interval=0.05)
+        except TimeoutError as err:
+            raise AssertionError(f"{err}; still missing: {'; '.join(missing)}") from err
         returned = time.monotonic() - back
         await load.wait_requests(20, since=time.monotonic())
     assert not load.failures, load.summary()
