@@ -51,7 +51,9 @@ async def candidate(url: str, prefix: str, name: str, ttl: int = 2
 
 async def test_one_leader_and_a_standby_that_takes_over_when_it_resigns(
         etcd_server: EtcdServer, prefix: str, writer: EtcdStore) -> None:
-    async with candidate(etcd_server.url, prefix, "a") as (a, wa, ta):
+    # a's lease outlives the wait for b by far: b elected in time means a's revoke freed
+    # the seat, not its lease's expiry.
+    async with candidate(etcd_server.url, prefix, "a", ttl=15) as (a, wa, ta):
         await until(lambda: wa.running, 5, "a elected")
         async with candidate(etcd_server.url, prefix, "b") as (b, wb, _tb):
             # b campaigns meanwhile; at no moment may it lead beside a.
@@ -62,7 +64,7 @@ async def test_one_leader_and_a_standby_that_takes_over_when_it_resigns(
             ta.cancel()  # a stops cleanly: it revokes its lease, b need not wait out the TTL
             with contextlib.suppress(asyncio.CancelledError):
                 await ta
-            await until(lambda: wb.running, 2, "b elected")
+            await until(lambda: wb.running, 7, "b elected")
             assert b.leading
             assert await writer.get(f"{prefix}/written-by") == b"b"
 
