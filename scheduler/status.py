@@ -247,6 +247,9 @@ background:var(--info)}.dim{color:var(--dim)}#updated{margin-left:auto;color:var
 </tr></thead><tbody></tbody></table></section>
 <section><h2>Backends</h2><table id="backends"><thead><tr><th>backend</th><th>model</th>
 <th>state</th><th>engine</th><th class="num">latency ms</th><th class="num">probe ms</th>
+<th class="num" title="the quickest time to first token, per 2 KiB of prompt">
+TTFT floor ms</th>
+<th class="num" title="learnt decode speed: time per output token">ms/token</th>
 <th class="num">in flight</th><th class="num">queued</th><th class="num">req/s</th>
 <th class="num">cost/Mtok</th><th>error</th></tr></thead><tbody></tbody></table></section>
 <section id="keys-section" hidden><h2>API keys (last 24 h, every replica)</h2>
@@ -319,6 +322,7 @@ function render(c) {
   rows("#backends", c.backends, (b) => `<tr><td>${esc(b.key)}</td>
     <td>${esc(b.models.join(", "))}</td><td>${pill(b.state)}</td><td>${esc(b.engine)}</td>
     <td class="num">${num(b.latency_ms, 1)}</td><td class="num">${num(b.probe_latency_ms, 1)}</td>
+    <td class="num">${num(b.ttft_floor_ms, 2)}</td><td class="num">${num(b.tpot_ms, 2)}</td>
     <td class="num">${b.inflight}</td><td class="num">${b.waiting}</td>
     <td class="num">${num(b.rate, 2)}</td><td class="num">${num(b.cost_per_mtok, 3)}</td>
     <td class="err">${esc(b.error)}</td></tr>`,

@@ -191,6 +191,13 @@ async def browse(url: str, tmp: Path, *extra: str) -> str:
 
 async def test_status_page_in_headless_chromium_shows_the_cluster(
         cluster: Cluster, tmp_path: Path) -> None:
+    # A streamed answer teaches the router vllm-0's TTFT floor and decode speed.
+    client = cluster.sched.client()
+    stream = await client.chat.completions.create(
+        model="llama-3.1-8b", messages=[{"role": "user", "content": "count to ten"}],
+        stream=True, stream_options={"include_usage": True})
+    assert [c async for c in stream]
+    await client.close()
     dom = await browse(cluster.sched.url + "/", tmp_path, "--dump-dom")
     # Filled in by the page's script from /v1/cluster, so seeing them proves the JS ran.
     for text in ("gpu-node-a/vllm-0", "arc-node-b/ipex-1", "NVIDIA H200", "Intel Arc A770",
@@ -203,6 +210,15 @@ async def test_status_page_in_headless_chromium_shows_the_cluster(
     assert "<b>2</b><span>nodes</span>" in dom and "<b>3</b><span>GPUs</span>" in dom
     assert "<b>2/4</b><span>backends ready</span>" in dom
     assert "no deployments (aivmmctl deploy)" in dom[dom.index('id="deployments"'):]
+    # What the router learnt of a backend it has served shows in its row.
+    _, body = await get(cluster.sched.url + "/v1/cluster")
+    learnt = next(b for b in body["backends"] if b["key"] == "gpu-node-a/vllm-0")
+    assert learnt["ttft_floor_ms"] is not None
+    start = dom.index("gpu-node-a/vllm-0</td>", dom.index('id="backends"'))
+    row = dom[start:dom.index("</tr>", start)]
+    assert f'<td class="num">{learnt["ttft_floor_ms"]:.2f}</td>' in row, row
+    tpot = learnt["tpot_ms"]
+    assert f'<td class="num">{"-" if tpot is None else format(tpot, ".2f")}</td>' in row, row
     shot = os.environ.get("AIVMM_STATUS_SCREENSHOT")
     if shot:  # how docs/status-page.png is made
         await browse(cluster.sched.url + "/", tmp_path, f"--screenshot={shot}",
