@@ -320,6 +320,11 @@ class PlacementStatus:
     # goes on from these instead of placing there again at once.
     avoid: dict[str, float] = field(default_factory=dict)
     strikes: dict[str, int] = field(default_factory=dict)
+    # Replicas not ready yet, by assignment key (node/name): since when (Unix seconds), and
+    # their backend's restart count then. A new leader times their start from these
+    # instead of giving each one ``placer_replace_after`` afresh.
+    unready_since: dict[str, float] = field(default_factory=dict)
+    unready_restarts: dict[str, int] = field(default_factory=dict)
     schema: int = SCHEMA
 
 

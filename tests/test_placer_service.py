@@ -265,6 +265,39 @@ def test_a_replica_that_became_ready_starts_its_timer_again() -> None:
     assert len(f.observe(fleet(a, backend("n1", "d-0", "unhealthy")), 22)) == 1
 
 
+def test_a_new_leader_goes_on_with_the_start_timers_of_the_last() -> None:
+    a = assignment("d", 0, "n1", assigned_at=100)
+    key = K.assignment("n1", "d-0").removeprefix(K.assignments)
+    first = StartFailures(replace_after=10, max_restarts=3, assignments=K.assignments)
+    assert first.observe(fleet(a, backend("n1", "d-0", restarts=1)), 101) == []
+    since, restarts = first.timers("d")
+    assert since == {key: 101} and restarts == {key: 1}
+    assert first.timers("other") == ({}, {})
+    recorded = dataclasses.replace(status("d", 1, 0), unready_since=since,
+                                   unready_restarts=restarts)
+
+    # The leader changes at 106: the replica is still given up at 111, not at 116, and its
+    # restarts count from what the last leader saw (1), not from what this one first sees.
+    second = StartFailures(replace_after=10, max_restarts=3, assignments=K.assignments)
+    second.new_term()
+    second.restore([recorded], 106)
+    assert second.observe(fleet(a, backend("n1", "d-0", restarts=3)), 106) == []
+    assert second.next_deadline(106) == 111
+    [line] = second.observe(fleet(a, backend("n1", "d-0", restarts=3)), 111)
+    assert "d-0" in line and second.timers("d") == ({}, {})
+    # The same status read again this term (its rewrite not back yet) times nothing anew.
+    second.restore([recorded], 111)
+    assert second.observe(fleet(a, backend("n1", "d-0", restarts=3)), 111) == []
+    assert second.timers("d") == ({key: 111}, {key: 3})
+
+    # restarts: 3 since the last leader's 1 is only 2 short of giving up on a max of 3.
+    third = StartFailures(replace_after=10, max_restarts=3, assignments=K.assignments)
+    third.new_term()
+    third.restore([recorded], 102)
+    assert third.observe(fleet(a, backend("n1", "d-0", restarts=3)), 102) == []
+    assert len(third.observe(fleet(a, backend("n1", "d-0", restarts=4)), 102)) == 1
+
+
 def test_restarts_without_becoming_ready_give_up_at_once() -> None:
     f = StartFailures(replace_after=100, max_restarts=3)
     a = assignment("d", 0, "n1", assigned_at=50)
@@ -492,6 +525,36 @@ async def test_the_running_placer_places_moves_off_a_dead_node_and_resigns(
         with contextlib.suppress(asyncio.CancelledError):
             await task
     assert await writer.get(keys.placer_leader) is None  # resigned: the lease was revoked
+
+
+async def test_a_new_leader_times_a_starting_replica_from_its_first_sight(
+        prefix: str, writer: EtcdStore) -> None:
+    # The start timer lived in the leader's memory: each new leader gave a replica that
+    # could not start another placer_replace_after, so it could stay stuck for ever.
+    keys = Keys(prefix)
+    await writer.put_many([(keys.node("n1"), dump(node("n1"))),
+                           (keys.deployment("d"), dump(deployment("d")))])
+
+    async def leading(holder: str) -> tuple[dict[str, float], dict[str, float]]:
+        """What the status records and what the leader itself holds, after its passes."""
+        placer = Placer(writer, keys, holder, ttl=2, replace_after=600)
+        task = asyncio.create_task(placer.run(), name=f"placer-{holder}")
+        try:
+            async def recorded() -> dict[str, float] | None:
+                s = parse_placement(await writer.get(keys.placement("d")) or b"")
+                return s.unready_since if placer.passes >= 2 and s.unready_since else None
+            return await until(recorded, 10, f"{holder}'s start timers"), \
+                placer.failures.timers("d")[0]
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    first, held = await leading("a")
+    [(key, since)] = first.items()
+    assert key == "n1/d-0" and since <= time.time() and held == first
+    # b goes on with a's timer (before, it started its own, and wrote it over a's).
+    assert await leading("b") == (first, first)
 
 
 async def test_a_new_leader_keeps_avoiding_where_a_replica_did_not_start(

@@ -167,6 +167,7 @@ def _placement_view(record: Any) -> Any:
 @dataclass(slots=True)
 class _Unready:
     since: float
+    deployment: str = ""
     restarts: int = 0  # the backend's restart count when it stopped being ready
     assigned_at: float = 0.0  # its assignment's time: the timer runs from the later one
     # While the agent fetches the model (state "downloading", docs/models.md): since when,
@@ -195,8 +196,10 @@ class StartFailures:
 
     def __init__(self, *, replace_after: float, max_restarts: int = 3,
                  avoid_base: float = 60.0, avoid_max: float = 900.0,
-                 download_limit: float = 6 * 3600.0) -> None:
+                 download_limit: float = 6 * 3600.0, assignments: str = "") -> None:
         self.replace_after = replace_after
+        # The etcd prefix of assignment keys: the statuses record the keys without it.
+        self.assignments = assignments
         self.download_limit = download_limit
         self.max_restarts = max_restarts
         self.avoid_base = avoid_base
@@ -206,6 +209,7 @@ class StartFailures:
         self._strikes: dict[tuple[str, str], int] = {}
         # Assignments given up on by the last observe(): placed again, elsewhere.
         self.given_up: set[str] = set()
+        self._timers_restored = False  # this term has taken up the statuses' start timers
 
     def observe(self, view: FleetView, now: float) -> list[str]:
         """Note the replicas' states; returns a line for each replica given up on."""
@@ -221,8 +225,8 @@ class StartFailures:
             if view.nodes.get(a.node) is None:
                 continue  # a dead node's replicas move anyway
             restarts = backend.restarts if backend is not None else 0
-            track = self._unready.setdefault(key, _Unready(since=max(now, 0.0),
-                                                           restarts=restarts))
+            track = self._unready.setdefault(key, _Unready(
+                since=max(now, 0.0), deployment=a.deployment, restarts=restarts))
             if backend is not None and backend.state == "downloading":
                 done = backend.bytes_done or 0
                 if not track.downloading:
@@ -275,14 +279,41 @@ class StartFailures:
                    if d == deployment}
         return avoid, strikes
 
+    def timers(self, deployment: str) -> tuple[dict[str, float], dict[str, int]]:
+        """The start timers of ``deployment``'s replicas not ready yet (assignment key:
+        since when) and their restart counts then, as its placement status records them.
+        A download in progress is left out: it is timed by its progress, seen afresh."""
+        tracks = sorted((k.removeprefix(self.assignments), t) for k, t in self._unready.items()
+                        if t.deployment == deployment and not t.downloading)
+        return {k: t.since for k, t in tracks}, {k: t.restarts for k, t in tracks}
+
+    def placed(self, key: str, deployment: str, now: float, restarts: int = 0) -> None:
+        """A replica was just assigned (key ``key``): its start is timed from ``now``, in
+        the status written with the assignment, not one pass later in a second write."""
+        self._unready[key] = _Unready(since=now, deployment=deployment, restarts=restarts)
+
+    def new_term(self) -> None:
+        """Leadership (re)gained: timers kept from an earlier term may be stale; the
+        statuses in etcd, written by whoever led since, are taken up instead."""
+        self._unready.clear()
+        self._timers_restored = False
+
     def restore(self, statuses: Iterable[PlacementStatus], now: float) -> None:
-        """Take up what an earlier leader recorded (:meth:`of`), keeping what this one has."""
+        """Take up what an earlier leader recorded (:meth:`of`, :meth:`timers`), keeping
+        what this one has. Timers are taken once per term: afterwards a status may lag
+        this leader's own decisions (a replica just given up on would be timed again)."""
+        take_timers = not self._timers_restored
+        self._timers_restored = True
         for s in statuses:
             for node, until in s.avoid.items():
                 if until > now:
                     self._avoid.setdefault((s.deployment, node), until)
             for node, n in s.strikes.items():
                 self._strikes.setdefault((s.deployment, node), n)
+            for key, since in s.unready_since.items() if take_timers else ():
+                self._unready.setdefault(self.assignments + key, _Unready(
+                    since=min(since, now), deployment=s.deployment,
+                    restarts=s.unready_restarts.get(key, 0)))
 
     def next_deadline(self, now: float) -> float | None:
         """When the next decision may change with no event (an avoid ending, a timer), if
@@ -298,8 +329,10 @@ class StartFailures:
 
 
 def _same_status(a: PlacementStatus, b: PlacementStatus) -> bool:
-    return (a.placed, a.pending, a.reasons, a.desired, a.scaled_at, a.avoid, a.strikes) == \
-        (b.placed, b.pending, b.reasons, b.desired, b.scaled_at, b.avoid, b.strikes)
+    return (a.placed, a.pending, a.reasons, a.desired, a.scaled_at, a.avoid, a.strikes,
+            a.unready_since, a.unready_restarts) == \
+        (b.placed, b.pending, b.reasons, b.desired, b.scaled_at, b.avoid, b.strikes,
+         b.unready_since, b.unready_restarts)
 
 
 @dataclass(frozen=True, slots=True)
@@ -423,7 +456,8 @@ class Placer:
         self.keys = keys
         self.holder = holder
         self.election = Election(store, keys.placer_leader, holder, ttl=ttl)
-        self.failures = StartFailures(replace_after=replace_after, max_restarts=max_restarts)
+        self.failures = StartFailures(replace_after=replace_after, max_restarts=max_restarts,
+                                      assignments=keys.assignments)
         self.debounce = debounce
         self._on_bad_record = on_bad_record
         self._on_write = on_write
@@ -454,6 +488,7 @@ class Placer:
         view = FleetView(self.keys, on_bad_record=self._bad)
         dirty = asyncio.Event()
         self.scaler = Autoscaler()  # a new term goes on from the statuses, not old memory
+        self.failures.new_term()
         self._drain_began.clear()
         self._drain_seen.clear()
         full_at = 0.0  # when the next full pass is due without any event
@@ -587,6 +622,12 @@ class Placer:
             [dataclasses.replace(a, draining=False) if a.draining else a
              for a in result.assignments] + draining,
             key=lambda a: (a.node, a.name))
+        for a in assignments:
+            key = self.keys.assignment(a.node, a.name)
+            if a.assigned_at == now and view.assignments.get(key) != a:
+                backend = view.backend_of(a)
+                self.failures.placed(key, a.deployment, now,
+                                     backend.restarts if backend is not None else 0)
         statuses = {}
         for name, s in result.status.items():
             s = dataclasses.replace(s, placer=self.holder, updated_at=now)
@@ -594,6 +635,7 @@ class Placer:
             if scaled is not None:
                 s.desired, s.scaled_at = scaled
             s.avoid, s.strikes = self.failures.of(name, now)
+            s.unready_since, s.unready_restarts = self.failures.timers(name)
             statuses[name] = s
         self.pending = sum(s.pending for s in statuses.values())
         diff = changes(self.keys, view, assignments, statuses)
