@@ -51,9 +51,11 @@ def run(deps: Sequence[DeploymentRecord], nodes: Sequence[NodeRecord],
         current: Sequence[AssignmentRecord] = (), *,
         reserved: Mapping[str, Collection[str]] | None = None,
         drained: Collection[str] = frozenset(),
-        avoid: Mapping[str, Collection[str]] | None = None, now: float = NOW) -> Placement:
+        avoid: Mapping[str, Collection[str]] | None = None, now: float = NOW,
+        removing: Mapping[str, Collection[str]] | None = None) -> Placement:
     reserved = reserved or {}
-    p = place(deps, nodes, current, reserved=reserved, drained=drained, avoid=avoid, now=now)
+    p = place(deps, nodes, current, reserved=reserved, drained=drained, avoid=avoid, now=now,
+              removing=removing)
     assert_valid(p, deps, nodes, reserved, drained, avoid or {}, current)
     return p
 
@@ -287,6 +289,21 @@ def test_a_pinned_reservation_over_an_assignment_moves_it() -> None:
     assert where(first) == {0: ("a", [0])}
     p = run([dep()], nodes, first.assignments, reserved={"a": {"a-0"}}, now=NOW + 1)
     assert where(p) == {0: ("a", [1])} and p.assignments[0].assigned_at == NOW + 1
+
+
+def test_a_gpu_whose_container_is_being_removed_takes_no_new_replica_and_moves_none() -> None:
+    # undeploy, then deploy at once: the old container still holds a-0's memory.
+    nodes = [node("a", 2)]
+    p = run([dep(replicas=2)], nodes, removing={"a": {"a-0"}})
+    assert where(p) == {0: ("a", [1])}
+    assert reason(p) == "needs 1 whole GPU on one node; none free on 1 eligible node"
+    p = run([dep(memory_bytes=GIB)], nodes, removing={"a": {"a-0", "a-1"}})
+    assert where(p) == {} and p.status["d"].pending == 1
+    # A replica that shares the GPU with the one going away stays where it is.
+    first = run([dep(memory_bytes=GIB)], [node("a", 1)])
+    again = run([dep(memory_bytes=GIB)], [node("a", 1)], first.assignments, now=NOW + 1,
+                removing={"a": {"a-0"}})
+    assert again.assignments == first.assignments
 
 
 def test_integrated_gpus_are_never_offered() -> None:

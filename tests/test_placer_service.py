@@ -195,6 +195,23 @@ def test_reserved_is_the_gpus_of_pinned_backends_only() -> None:
     assert view.reserved() == {"n1": {"GPU-n1-0"}, "n2": {"GPU-n2-0", "GPU-n2-1"}}
 
 
+def test_removing_is_the_gpus_of_deployment_backends_without_an_assignment() -> None:
+    view = FleetView(K)
+    view.apply(reset(
+        (K.assignment("n1", "d-0"), dump(assignment("d", 0, "n1"))),
+        (K.backend("n1", "d-0"), dump(backend("n1", "d-0", deployment="d",
+                                              gpus=["GPU-n1-0"]))),
+        # d-1 was scaled away or moved: its agent is still stopping the container.
+        (K.backend("n1", "d-1"), dump(backend("n1", "d-1", deployment="d",
+                                              gpus=["GPU-n1-1"]))),
+        (K.backend("n1", "pinned"), dump(backend("n1", "pinned", gpus=["GPU-n1-2"]))),
+        (K.backend("n2", "e-0"), dump(backend("n2", "e-0", deployment="e"))),  # no GPU
+    ))
+    assert view.removing() == {"n1": {"GPU-n1-1"}}
+    view.apply(delete(K.backend("n1", "d-1")))  # the container is gone
+    assert view.removing() == {}
+
+
 # -- StartFailures ------------------------------------------------------------------------------
 
 def fleet(a: AssignmentRecord, b: BackendRecord | None, *, alive: bool = True) -> FleetView:

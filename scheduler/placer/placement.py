@@ -114,7 +114,8 @@ def place(deployments: Sequence[DeploymentRecord], nodes: Sequence[NodeRecord],
           current: Sequence[AssignmentRecord], *, reserved: Mapping[str, Collection[str]],
           drained: Collection[str] = frozenset(),
           avoid: Mapping[str, Collection[str]] | None = None, now: float,
-          holding: Sequence[AssignmentRecord] = ()) -> Placement:
+          holding: Sequence[AssignmentRecord] = (),
+          removing: Mapping[str, Collection[str]] | None = None) -> Placement:
     """The assignments the fleet should run, and what could not be placed and why.
 
     ``nodes`` are the live nodes; ``current`` is what etcd holds now; ``reserved`` maps a
@@ -123,6 +124,8 @@ def place(deployments: Sequence[DeploymentRecord], nodes: Sequence[NodeRecord],
     their replicas move. Valid current assignments are kept unchanged; new ones get
     ``assigned_at=now``. Deployments are placed in name order. ``holding`` (replicas being
     drained) are not in the result but keep their GPUs or memory taken meanwhile.
+    ``removing`` maps a node to the uuids of GPUs whose replica is gone but whose container
+    is still being removed: no new replica goes there yet, and those kept stay.
     """
     avoid = avoid or {}
     fleet: dict[str, _Node] = {}
@@ -169,6 +172,13 @@ def place(deployments: Sequence[DeploymentRecord], nodes: Sequence[NodeRecord],
         _take(fleet[a.node], gpus, w)
         kept[a.deployment].add(a.replica)
         result.append(a)
+
+    # After the keeping: a replica sharing a GPU with one being removed is not moved for it.
+    for node_name, uuids in (removing or {}).items():
+        host = fleet.get(node_name)
+        for gpu in host.gpus.values() if host is not None else ():
+            if gpu.record.uuid in uuids:
+                gpu.whole = True
 
     short: list[_Want] = []
     for name, w in wants.items():

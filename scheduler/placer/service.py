@@ -148,6 +148,16 @@ class FleetView:
                 out.setdefault(b.node, set()).update(b.gpus)
         return out
 
+    def removing(self) -> dict[str, set[str]]:
+        """GPUs (by uuid) of a deployment's backends whose assignment is gone, per node:
+        their agent is still removing the container, which may hold the GPU's memory."""
+        out: dict[str, set[str]] = {}
+        for b in self.backends.values():
+            if b.deployment is not None and b.gpus \
+                    and self.keys.assignment(b.node, b.name) not in self.assignments:
+                out.setdefault(b.node, set()).update(b.gpus)
+        return out
+
     def backend_of(self, a: AssignmentRecord) -> BackendRecord | None:
         return self.backends.get(self.keys.backend(a.node, a.name))
 
@@ -616,7 +626,7 @@ class Placer:
         result = place(list(wanted.values()), list(view.nodes.values()),
                        current, reserved=view.reserved(),
                        drained=frozenset(view.drained), avoid=self.failures.avoid(now),
-                       now=now, holding=draining)
+                       now=now, holding=draining, removing=view.removing())
         # A replica wanted again while it drained is kept, and serves again.
         assignments = sorted(
             [dataclasses.replace(a, draining=False) if a.draining else a
