@@ -147,6 +147,8 @@ class BackendStatus:
     updated_at: float = field(default_factory=time.time)
     # Set for a deployment's replica: what the placer assigned (None: pinned in agent.toml).
     assignment: AssignmentRecord | None = None
+    # The generation of the assignment the current container was adopted or made for.
+    generation: str | None = None
 
 
 GpuSource = Callable[[], tuple[list[GpuRecord], list[GpuRecord]]]
@@ -227,6 +229,7 @@ class Supervisor:
             updated_at=s.updated_at, error=s.error, restarts=s.restarts,
             api_path=spec.api_path if spec else "/v1",
             deployment=a.deployment if a is not None else None,
+            generation=s.generation if s.container_id is not None else None,
             bytes_done=fetch.done if fetch is not None else None,
             bytes_total=fetch.total if fetch is not None else None,
             download_rate=None if fetch is None or fetch.rate is None
@@ -490,6 +493,10 @@ class Supervisor:
                 self._changed()
             return
         s = self.status[action.backend]
+        if isinstance(action, Adopt | Start):
+            # The container matches what the assignment asks for now (else it would be
+            # recreated): it is of the assignment's generation.
+            self._made_for(s)
         if isinstance(action, Adopt):
             if s.container_id is not None and s.container_id != action.container.id and \
                     s.state == "ready":
@@ -586,6 +593,7 @@ class Supervisor:
         except DockerFailed as err:
             self._failed(s, str(err))
             return
+        self._made_for(s)
         log.info("created container", extra={"backend": s.config.name, "container": cid[:12]})
         if self.models is not None:
             self.models.used(s.config.model)
@@ -594,6 +602,12 @@ class Supervisor:
         s.updated_at = time.time()
         self._set(s, "starting", None)
         self._changed()
+
+    def _made_for(self, s: BackendStatus) -> None:
+        generation = s.assignment.generation if s.assignment is not None else None
+        if generation != s.generation:
+            s.generation = generation
+            self._changed()
 
     def _failed(self, s: BackendStatus, why: str) -> None:
         delay = s.backoff.failed()

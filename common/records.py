@@ -122,6 +122,10 @@ class BackendRecord:
     bytes_done: int | None = None
     bytes_total: int | None = None
     download_rate: float | None = None
+    # A replica's: the generation of the assignment its running container was made for
+    # (it lags the assignment while the container is being replaced); None: none runs, or
+    # a pinned backend. A rolling update waits on it (docs/deployments.md).
+    generation: str | None = None
     schema: int = SCHEMA
 
 
