@@ -115,7 +115,8 @@ def place(deployments: Sequence[DeploymentRecord], nodes: Sequence[NodeRecord],
           drained: Collection[str] = frozenset(),
           avoid: Mapping[str, Collection[str]] | None = None, now: float,
           holding: Sequence[AssignmentRecord] = (),
-          removing: Mapping[str, Collection[str]] | None = None) -> Placement:
+          removing: Mapping[str, Collection[str]] | None = None,
+          held_back: Mapping[str, Collection[int]] | None = None) -> Placement:
     """The assignments the fleet should run, and what could not be placed and why.
 
     ``nodes`` are the live nodes; ``current`` is what etcd holds now; ``reserved`` maps a
@@ -126,6 +127,9 @@ def place(deployments: Sequence[DeploymentRecord], nodes: Sequence[NodeRecord],
     drained) are not in the result but keep their GPUs or memory taken meanwhile.
     ``removing`` maps a node to the uuids of GPUs whose replica is gone but whose container
     is still being removed: no new replica goes there yet, and those kept stay.
+    ``held_back`` maps a deployment to the replicas a rolling update has not reached yet:
+    their assignments of an older generation are kept as they are, GPUs and all, where
+    their node still takes them (scheduler/placer/rollout.py decides which).
     """
     avoid = avoid or {}
     fleet: dict[str, _Node] = {}
@@ -167,9 +171,16 @@ def place(deployments: Sequence[DeploymentRecord], nodes: Sequence[NodeRecord],
                 or a.replica in kept[a.deployment]):
             continue
         gpus = _still_valid(a, w, fleet.get(a.node))
-        if gpus is None:
+        if gpus is None and a.generation != w.gen \
+                and a.replica in (held_back or {}).get(a.deployment, ()):
+            gpus = _as_recorded(a, w, fleet.get(a.node))
+            if gpus is None:
+                continue
+            _take(fleet[a.node], gpus, w, a.memory_bytes)
+        elif gpus is None:
             continue
-        _take(fleet[a.node], gpus, w)
+        else:
+            _take(fleet[a.node], gpus, w)
         kept[a.deployment].add(a.replica)
         result.append(a)
 
@@ -295,14 +306,37 @@ def _still_valid(a: AssignmentRecord, w: _Want, node: _Node | None) -> list[_Gpu
     return gpus if a.memory_bytes is None and all(g.wholly_free() for g in gpus) else None
 
 
-def _take(node: _Node, gpus: list[_Gpu], w: _Want) -> None:
-    """Reserve ``gpus`` on ``node`` for a replica of ``w``."""
+def _as_recorded(a: AssignmentRecord, w: _Want, node: _Node | None) -> list[_Gpu] | None:
+    """The GPUs an assignment of an older generation holds, if it may stay as it was made:
+    its node still takes the deployment and its GPUs are there with room for it."""
+    if node is None or node.name not in w.names:
+        return None
+    if len(a.gpu_uuids) != len(a.gpus) or len(set(a.gpus)) != len(a.gpus):
+        return None
+    gpus = []
+    for index, uuid in zip(a.gpus, a.gpu_uuids, strict=True):
+        gpu = node.gpus.get(index)
+        if gpu is None or gpu.record.uuid != uuid or gpu.record.vendor != a.vendor:
+            return None
+        gpus.append(gpu)
+    if a.memory_bytes is not None:
+        return gpus if len(gpus) == 1 and gpus[0].avail() >= a.memory_bytes else None
+    return gpus if all(g.wholly_free() for g in gpus) else None
+
+
+_OWN = -1  # ``_take``'s default: the memory the deployment itself asks for
+
+
+def _take(node: _Node, gpus: list[_Gpu], w: _Want, memory: int | None = _OWN) -> None:
+    """Reserve ``gpus`` on ``node`` for a replica of ``w``: whole, or ``memory`` bytes of
+    each (by default what ``w`` asks; an older generation's replica gives its own)."""
     name = w.d.name
     node.replicas[name] = node.replicas.get(name, 0) + 1
+    if memory == _OWN:
+        memory = w.d.memory_bytes if w.mode == "memory" else None
     for gpu in gpus:
-        if w.mode == "memory":
-            assert w.d.memory_bytes is not None
-            gpu.mem_used += w.d.memory_bytes
+        if memory is not None:
+            gpu.mem_used += memory
             gpu.replicas[name] = gpu.replicas.get(name, 0) + 1
         else:
             gpu.whole = True

@@ -42,6 +42,7 @@ from common.store_api import Store
 from scheduler.placer.autoscale import Autoscaler
 from scheduler.placer.election import Deposed, Election, Fence
 from scheduler.placer.placement import generation, place
+from scheduler.placer.rollout import held_back
 
 log = logging.getLogger(__name__)
 
@@ -161,6 +162,13 @@ class FleetView:
     def backend_of(self, a: AssignmentRecord) -> BackendRecord | None:
         return self.backends.get(self.keys.backend(a.node, a.name))
 
+    def serving(self, a: AssignmentRecord) -> bool:
+        """Whether ``a``'s backend is ready in ``a``'s generation (not the container of an
+        older one that its agent has yet to replace). An agent that reports no generation
+        (older than this field) is taken at its word."""
+        b = self.backend_of(a)
+        return b is not None and b.state == "ready" and b.generation in (None, a.generation)
+
 
 def _placement_view(record: Any) -> Any:
     """The part of a record that placement and failure tracking read."""
@@ -169,7 +177,7 @@ def _placement_view(record: Any) -> Any:
                 [(g.index, g.uuid, g.vendor, g.integrated, g.memory_total_bytes)
                  for g in record.gpus])
     if isinstance(record, BackendRecord):
-        return (record.state, record.gpus, record.deployment, record.restarts,
+        return (record.state, record.gpus, record.deployment, record.restarts, record.generation,
                 record.error)
     return record
 
@@ -440,7 +448,9 @@ def placement_audit(keys: Keys, view: FleetView, assignments: Sequence[Assignmen
                 reasons.append(f"scaled to {d.replicas}: replica {a.replica} drained"
                                if a.draining and to is None else f"scaled to {d.replicas}{moved}")
             elif a.generation and a.generation != generation(d):
-                reasons.append(f"deployment changed{moved}")
+                reasons.append(f"deployment changed: replica {a.replica} replaced"
+                               + (f" on {to.node}/gpu{','.join(map(str, to.gpus))}"
+                                  if to is not None else ""))
         added = sorted(r for r in by_replica if r not in old_replicas)
         if d is not None and old and added:
             reasons.append(f"replica(s) {', '.join(map(str, added))} placed "
@@ -623,10 +633,13 @@ class Placer:
         # node); their neighbours on the same node stay where they are. Replicas scaled
         # away drain first, holding their GPUs meanwhile.
         current, draining = self._split_draining(view, wanted, self.failures.given_up, now)
+        # A changed deployment rolls: its older replicas are replaced one by one while the
+        # new ones serve (rollout.py).
+        held = held_back(wanted, current, view.serving)
         result = place(list(wanted.values()), list(view.nodes.values()),
                        current, reserved=view.reserved(),
                        drained=frozenset(view.drained), avoid=self.failures.avoid(now),
-                       now=now, holding=draining, removing=view.removing())
+                       now=now, holding=draining, removing=view.removing(), held_back=held)
         # A replica wanted again while it drained is kept, and serves again.
         assignments = sorted(
             [dataclasses.replace(a, draining=False) if a.draining else a
