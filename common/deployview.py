@@ -17,6 +17,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from common.generation import generation
 from common.keys import Keys
 from common.records import (
     AssignmentRecord,
@@ -75,7 +76,8 @@ async def read_records(store: PrefixReader, keys: Keys) -> DeploymentRecords:
                          [kv.value for kv in assignments.items])
 
 
-def _replica(a: AssignmentRecord, backend: BackendRecord | None) -> dict[str, Any]:
+def _replica(a: AssignmentRecord, backend: BackendRecord | None, current: str
+              ) -> dict[str, Any]:
     return {
         "replica": a.replica, "node": a.node, "backend": a.name, "assigned": True,
         "engine": a.engine, "vendor": a.vendor, "gpus": list(a.gpus),
@@ -84,6 +86,8 @@ def _replica(a: AssignmentRecord, backend: BackendRecord | None) -> dict[str, An
         "state": None if backend is None else backend.state,
         "error": None if backend is None else backend.error,
         "generation": a.generation,
+        # False while a rolling update has not reached this replica (docs/deployments.md).
+        "current": a.generation == current,
         **download_fields(backend),
     }
 
@@ -94,7 +98,7 @@ def _leftover(b: BackendRecord) -> dict[str, Any]:
         "replica": None, "node": b.node, "backend": b.name, "assigned": False,
         "engine": b.engine, "vendor": b.vendor, "gpus": [], "memory_bytes": None,
         "memory_gib": None, "state": b.state, "error": b.error, "generation": None,
-        **download_fields(b),
+        "current": False, **download_fields(b),
     }
 
 
@@ -120,7 +124,8 @@ def deployment_views(records: DeploymentRecords,
     for d in sorted(records.deployments, key=lambda d: d.name):
         mine = sorted(assigned.get(d.name, []), key=lambda a: (a.replica, a.node))
         taken = {(a.node, a.name) for a in mine}
-        replicas = [_replica(a, by_key.get((a.node, a.name))) for a in mine]
+        gen = generation(d)
+        replicas = [_replica(a, by_key.get((a.node, a.name)), gen) for a in mine]
         own = sorted(of_deployment.get(d.name, []), key=lambda b: (b.node, b.name))
         replicas += [_leftover(b) for b in own if (b.node, b.name) not in taken]
         status = records.placements.get(d.name)
@@ -142,8 +147,25 @@ def deployment_views(records: DeploymentRecords,
             "image": d.image, "args": list(d.args), "env": sorted(d.env),
             "created_at": d.created_at, "updated_at": d.updated_at,
             "replicas": replicas,
+            "rollout": _rollout(d, gen, mine, by_key),
         })
     return views
+
+
+def _rollout(d: DeploymentRecord, gen: str, mine: list[AssignmentRecord],
+             by_key: dict[tuple[str, str], BackendRecord]) -> dict[str, int] | None:
+    """A rolling update's progress: replicas serving the new generation (ready, in its
+    container of that generation) of those wanted; None when no replica is of an older
+    one."""
+    if all(a.generation == gen for a in mine):
+        return None
+    done = 0
+    for a in mine:
+        b = by_key.get((a.node, a.name))
+        if a.generation == gen and b is not None and b.state == "ready" \
+                and b.generation in (None, gen):
+            done += 1
+    return {"done": done, "of": d.replicas}
 
 
 def download_fields(b: BackendRecord | None) -> dict[str, Any]:
@@ -187,15 +209,19 @@ def download_text(done: int | None, total: int | None, rate: float | None) -> st
 
 
 def pending_text(view: dict[str, Any]) -> str:
-    """The pending column: '' when all are placed, else the count and the placer's reasons."""
+    """The pending column: a rolling update's progress, then what is not placed: the count
+    and the placer's reasons; '' when all is placed and current."""
+    rollout = view.get("rollout")
+    parts = [f"rolling update: {rollout['done']}/{rollout['of']} on the new generation"] \
+        if rollout else []
     pending = view["pending"]
     if pending is None:
         short = view["desired"] - view["placed"]
-        return f"{short}: waiting for the placer" if short > 0 else ""
-    if not pending:
-        return ""
-    reasons = "; ".join(view["reasons"]) or "no reason given"
-    return f"{pending}: {reasons}"
+        if short > 0:
+            parts.append(f"{short}: waiting for the placer")
+    elif pending:
+        parts.append(f"{pending}: " + ("; ".join(view["reasons"]) or "no reason given"))
+    return "; ".join(parts)
 
 
 def gpus_text(replica: dict[str, Any]) -> str:

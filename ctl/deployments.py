@@ -411,7 +411,8 @@ def render_deployments(views: list[dict[str, Any]], skipped: int, table: Table) 
           str(v["placed"]), str(v["ready"]), pending_text(v)] for v in views])]
     rows = [[v["name"], "-" if r["replica"] is None else str(r["replica"]), r["node"],
              r["vendor"] or "-", gpus_text(r), r["backend"],
-             _state_text(r) if r["assigned"] else f"{r['state']} (removing)",
+             (_state_text(r) + ("" if r.get("current", True) else " (old generation)"))
+             if r["assigned"] else f"{r['state']} (removing)",
              r["error"] or ""]
             for v in views for r in v["replicas"]]
     out += ["", f"REPLICAS ({len(rows)})",

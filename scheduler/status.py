@@ -282,17 +282,22 @@ function rows(sel, list, fn, empty) {
     : `<tr><td colspan="10" class="dim">${empty}</td></tr>`;
 }
 function pending(d) {
+  const parts = d.rollout
+    ? [`rolling update: ${d.rollout.done}/${d.rollout.of} on the new generation`] : [];
   if (d.pending == null) {
     const short = d.desired - d.placed;
-    return short > 0 ? `${short}: waiting for the placer` : "";
+    if (short > 0) parts.push(`${short}: waiting for the placer`);
+  } else if (d.pending) {
+    parts.push(`${d.pending}: ${d.reasons.join("; ") || "no reason given"}`);
   }
-  return d.pending ? `${d.pending}: ${d.reasons.join("; ") || "no reason given"}` : "";
+  return parts.join("; ");
 }
 function replica(r) {
   const gpus = (r.gpus.join(",") || "-")
     + (r.memory_gib == null ? "" : ` (${Number(r.memory_gib).toFixed(1)} GiB)`);
   const state = r.assigned ? (r.state || "assigned") : "removing";
-  return `<div>${esc(r.node)} · GPU ${esc(gpus)} ${pill(state)}${download(r)}</div>`;
+  const old = r.assigned && r.current === false ? ' <span class="dim">old generation</span>' : "";
+  return `<div>${esc(r.node)} · GPU ${esc(gpus)} ${pill(state)}${old}${download(r)}</div>`;
 }
 // A replica whose agent fetches its model (docs/models.md): percent, rate and ETA.
 function download(r) {

@@ -9,6 +9,7 @@ import time
 import orjson
 import pytest
 
+from common.generation import generation
 from common.keys import Keys
 from common.records import (
     AssignmentRecord,
@@ -192,13 +193,15 @@ async def write_placed(writer: EtcdStore, prefix: str) -> None:
         DeploymentRecord("qwen", "qwen-7b", replicas=1, memory_bytes=20 * GIB,
                          placement="binpack", created_at=now, updated_at=now),
         DeploymentRecord("mistral", "mistral-7b", replicas=2, created_at=now, updated_at=now)]
+    current = generation(deployments[0])
     assignments = [
         AssignmentRecord("llama", 0, "gpu-a", "llama-8b", "vllm", "nvidia", gpus=[0, 1],
-                         generation="g1", assigned_at=now),
+                         generation=current, assigned_at=now),
         AssignmentRecord("llama", 1, "gpu-b", "llama-8b", "vllm", "nvidia", gpus=[2, 3],
-                         generation="g1", assigned_at=now),
+                         generation=current, assigned_at=now),
+        # Of an older generation of qwen: a rolling update has not reached it yet.
         AssignmentRecord("qwen", 0, "arc-b", "qwen-7b", "ipex-llm", "intel", gpus=[0],
-                         memory_bytes=20 * GIB, generation="g2", assigned_at=now)]
+                         memory_bytes=20 * GIB, generation="g0", assigned_at=now)]
     placements = [
         PlacementStatus("llama", placed=2, pending=1, placer="sched-1",
                         reasons=["no node has 2 free nvidia GPUs (gpu-a: 0, gpu-b: 1)"]),
@@ -236,7 +239,9 @@ async def test_deployments_table_shows_counts_placement_and_why_pending(
     row = {ln.split()[0]: ln for ln in lines[2:5]}
     assert row["llama"].split()[:7] == ["llama", "llama-8b", "vllm", "spread", "3", "2", "2"]
     assert row["llama"].endswith("1: no node has 2 free nvidia GPUs (gpu-a: 0, gpu-b: 1)")
-    assert row["qwen"].split() == ["qwen", "qwen-7b", "auto", "binpack", "1", "1", "0"]
+    assert row["qwen"].split()[:7] == ["qwen", "qwen-7b", "auto", "binpack", "1", "1", "0"]
+    assert row["qwen"].endswith("rolling update: 0/1 on the new generation")
+    assert "rolling update" not in row["llama"]
     assert row["mistral"].split()[4:7] == ["2", "0", "0"]
     assert row["mistral"].endswith("  2: waiting for the placer")
     replicas = [ln.split() for ln in lines[lines.index("REPLICAS (4)") + 2:]
@@ -245,8 +250,9 @@ async def test_deployments_table_shows_counts_placement_and_why_pending(
     assert ["llama", "0", "gpu-a", "nvidia", "0,1", "llama-0", "ready"] in replicas
     assert ["llama", "1", "gpu-b", "nvidia", "2,3", "llama-1", "starting"] in replicas
     assert ["llama", "-", "gpu-c", "nvidia", "-", "llama-1", "ready", "(removing)"] in replicas
-    assert ["qwen", "0", "arc-b", "intel", "0", "(20.0", "GiB)", "qwen-0", "assigned"] \
-        in replicas
+    assert ["qwen", "0", "arc-b", "intel", "0", "(20.0", "GiB)", "qwen-0", "assigned",
+            "(old", "generation)"] in replicas
+    assert ["llama", "0", "gpu-a", "nvidia", "0,1", "llama-0", "ready"] in replicas
     assert lines[-1] == "warning: 1 record(s) could not be parsed and were skipped"
     assert "secret" not in out.stdout
 
@@ -262,7 +268,7 @@ async def test_deployments_json_is_the_documented_shape(placed: str, prefix: str
     assert set(llama) == {
         "name", "model", "engine", "policy", "desired", "placed", "ready", "pending",
         "reasons", "placer", "placement_updated_at", "request", "image", "args", "env",
-        "created_at", "updated_at", "replicas", "autoscale"}
+        "created_at", "updated_at", "replicas", "autoscale", "rollout"}
     assert (llama["desired"], llama["placed"], llama["ready"], llama["pending"]) == (3, 2, 2, 1)
     assert llama["reasons"] == ["no node has 2 free nvidia GPUs (gpu-a: 0, gpu-b: 1)"]
     assert llama["request"] == {"gpus": 2, "memory_bytes": None, "vendors": ["nvidia"],
@@ -272,9 +278,11 @@ async def test_deployments_json_is_the_documented_shape(placed: str, prefix: str
             for r in llama["replicas"]] == [(0, "gpu-a", [0, 1], "ready", True),
                                             (1, "gpu-b", [2, 3], "starting", True),
                                             (None, "gpu-c", [], "ready", False)]
+    assert llama["rollout"] is None and all(r["current"] for r in llama["replicas"][:2])
     qwen = by_name["qwen"]["replicas"][0]
     assert (qwen["gpus"], qwen["memory_bytes"], qwen["memory_gib"], qwen["state"]) == (
         [0], 20 * GIB, 20.0, None)
+    assert (by_name["qwen"]["rollout"], qwen["current"]) == ({"done": 0, "of": 1}, False)
     assert (by_name["mistral"]["pending"], by_name["mistral"]["replicas"]) == (None, [])
 
 
@@ -286,7 +294,7 @@ async def test_status_has_a_deployments_section(placed: str, prefix: str) -> Non
     assert lines[at + 1].split() == ["NAME", "MODEL", "DESIRED/PLACED/READY", "PENDING"]
     assert lines[at + 2].split()[:3] == ["llama", "llama-8b", "3/2/2"]
     assert lines[at + 2].endswith("1: no node has 2 free nvidia GPUs (gpu-a: 0, gpu-b: 1)")
-    assert lines[at + 4].split() == ["qwen", "qwen-7b", "1/1/0"]
+    assert lines[at + 4].split()[:3] == ["qwen", "qwen-7b", "1/1/0"]
     assert "warning: 1 record(s) could not be parsed and were skipped" in lines
     js = orjson.loads((await ctl(placed, prefix, "status", "--json")).stdout)
     assert [d["name"] for d in js["deployments"]] == ["llama", "mistral", "qwen"]

@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from common.engines import AUTO_ENGINES, ENGINE_VENDORS, engine_for
+from common.generation import generation
 from common.records import (
     VENDORS,
     AssignmentRecord,
@@ -22,7 +23,7 @@ from common.records import (
     NodeRecord,
     Vendor,
 )
-from scheduler.placer.placement import Placement, assignment_key, generation, place
+from scheduler.placer.placement import Placement, assignment_key, place
 
 GIB = 1 << 30
 NOW = 1000.0

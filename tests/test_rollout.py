@@ -6,8 +6,9 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
+from common.generation import generation
 from common.records import AssignmentRecord, DeploymentRecord, GpuRecord, NodeRecord
-from scheduler.placer.placement import generation, place
+from scheduler.placer.placement import place
 from scheduler.placer.rollout import held_back
 
 GIB = 1 << 30

@@ -8,15 +8,14 @@ every moved replica is a container restarted somewhere.
 
 from __future__ import annotations
 
-import hashlib
 import heapq
-import json
 import math
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
 from common.engines import ENGINE_VENDORS, engine_for
+from common.generation import generation
 from common.records import (
     VENDORS,
     AssignmentRecord,
@@ -42,18 +41,6 @@ class Placement:
 
     assignments: list[AssignmentRecord]
     status: dict[str, PlacementStatus]
-
-
-def generation(d: DeploymentRecord) -> str:
-    """A short stable digest of the deployment fields its containers are built from."""
-    fields: dict[str, object] = {
-        "model": d.model, "engine": d.engine, "gpus": d.gpus, "memory_bytes": d.memory_bytes,
-        "image": d.image, "args": d.args, "env": d.env}
-    # Added later: in the digest only when set, so existing replicas are not all re-placed.
-    if d.cpus is not None:
-        fields["cpus"] = d.cpus
-    raw = json.dumps(fields, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(raw.encode()).hexdigest()[:12]
 
 
 def assignment_key(a: AssignmentRecord) -> str:

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 
+from common.generation import generation
 from common.records import AssignmentRecord, DeploymentRecord
-from scheduler.placer.placement import generation
 
 
 def held_back(deployments: Mapping[str, DeploymentRecord],

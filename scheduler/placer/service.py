@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from common import audit
+from common.generation import generation
 from common.keys import Keys
 from common.records import (
     AssignmentRecord,
@@ -41,7 +42,7 @@ from common.store import Event, Reset, StoreError, StoreUnavailable
 from common.store_api import Store
 from scheduler.placer.autoscale import Autoscaler
 from scheduler.placer.election import Deposed, Election, Fence
-from scheduler.placer.placement import generation, place
+from scheduler.placer.placement import place
 from scheduler.placer.rollout import held_back
 
 log = logging.getLogger(__name__)
