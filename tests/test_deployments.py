@@ -404,6 +404,69 @@ async def test_a_changed_deployment_rolls_one_replica_at_a_time_under_load(
         "replica 0 replaced", "replica 1 replaced"], changed
 
 
+async def test_a_one_replica_deployment_updates_with_no_gap_through_a_surge(
+        fleet: DeployFleet) -> None:
+    fleet.start_agent("a")
+    fleet.start_agent("b")
+    await fleet.registered("a", "b")
+    sched = fleet.start_scheduler()
+    flags = ["--model", "solo-m", "--engine", "sim", "--replicas", "1", "--gpus", "1"]
+    await fleet.ctl("deploy", "solo", *flags)
+    [first] = await fleet.ready("solo", 1)
+    outcomes: list[str] = []
+    serving: list[int] = []
+    stop = asyncio.Event()
+
+    async def load() -> None:
+        async with client(sched) as c:
+            while not stop.is_set():
+                try:
+                    await c.chat.completions.create(
+                        model="solo-m", messages=[{"role": "user", "content": "x"}],
+                        max_tokens=2)
+                    outcomes.append("ok")
+                except openai.APIError as err:
+                    outcomes.append(f"{type(err).__name__}: {err}")
+                await asyncio.sleep(0.02)
+
+    async def sample() -> None:
+        while not stop.is_set():
+            _, backends, _ = await fleet.read()
+            serving.append(sum(b.deployment == "solo" and b.state == "ready"
+                               for b in backends))
+            await asyncio.sleep(0.05)
+
+    async def replaced() -> BackendRecord | None:
+        assigned, backends, _ = await fleet.read()
+        mine = [a for a in assigned if a.deployment == "solo"]
+        ready = [b for b in backends if b.deployment == "solo" and b.state == "ready"]
+        if len(mine) == 1 and len(ready) == 1 and mine[0].node != first.node \
+                and ready[0].node == mine[0].node \
+                and ready[0].generation == mine[0].generation:
+            return ready[0]
+        return None
+
+    tasks = [asyncio.create_task(load(), name="load"), asyncio.create_task(sample())]
+    try:
+        await until(lambda: len(outcomes) >= 20, 20, "load flowing")
+        await fleet.ctl("deploy", "solo", *flags, "--env", "SOLO=2")  # a new generation
+        await until(replaced, 60, "the successor serving on the other node, the old gone")
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks)
+    # The old replica served until its successor did, then drained: never none serving.
+    assert serving and min(serving) >= 1, serving
+    failures = [o for o in outcomes if o != "ok"]
+    assert not failures, f"{len(failures)} of {len(outcomes)} failed: {failures[:3]}"
+    trail = orjson.loads(await fleet.ctl("audit", "--target", "solo", "--json"))["entries"]
+    steps = " | ".join(e["detail"] for e in sorted(trail, key=lambda e: e["time"])
+                       if e["verb"] == "place")
+    for step in ("replica 0 of the new generation placed on", "beside the old one",
+                 "replica 0 drains, its successor serves",
+                 "replica 0 of the old generation removed"):
+        assert step in steps, steps
+
+
 async def test_reload_adds_and_removes_a_pinned_backend_live(fleet: DeployFleet) -> None:
     port = free_port()
     pinned = {"name": "pinned", "model": "pinned-m", "engine": "sim", "port": port}

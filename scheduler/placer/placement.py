@@ -41,6 +41,8 @@ class Placement:
 
     assignments: list[AssignmentRecord]
     status: dict[str, PlacementStatus]
+    # Deployments whose surge replica (``place(surge=...)``) found no room on another node.
+    surge_failed: frozenset[str] = frozenset()
 
 
 def assignment_key(a: AssignmentRecord) -> str:
@@ -103,7 +105,8 @@ def place(deployments: Sequence[DeploymentRecord], nodes: Sequence[NodeRecord],
           avoid: Mapping[str, Collection[str]] | None = None, now: float,
           holding: Sequence[AssignmentRecord] = (),
           removing: Mapping[str, Collection[str]] | None = None,
-          held_back: Mapping[str, Collection[int]] | None = None) -> Placement:
+          held_back: Mapping[str, Collection[int]] | None = None,
+          surge: Mapping[str, int] | None = None) -> Placement:
     """The assignments the fleet should run, and what could not be placed and why.
 
     ``nodes`` are the live nodes; ``current`` is what etcd holds now; ``reserved`` maps a
@@ -116,7 +119,9 @@ def place(deployments: Sequence[DeploymentRecord], nodes: Sequence[NodeRecord],
     is still being removed: no new replica goes there yet, and those kept stay.
     ``held_back`` maps a deployment to the replicas a rolling update has not reached yet:
     their assignments of an older generation are kept as they are, GPUs and all, where
-    their node still takes them (scheduler/placer/rollout.py decides which).
+    their node still takes them (scheduler/placer/rollout.py decides which). ``surge`` maps a
+    deployment to one held replica whose successor of the current generation is placed now,
+    beside it on another node; a surge with no room is named in ``surge_failed``.
     """
     avoid = avoid or {}
     fleet: dict[str, _Node] = {}
@@ -152,22 +157,29 @@ def place(deployments: Sequence[DeploymentRecord], nodes: Sequence[NodeRecord],
 
     result: list[AssignmentRecord] = []
     kept: dict[str, set[int]] = {name: set() for name in wants}
+    # During a rolling update a replica may have two assignments: its held older one and
+    # its successor (a surge), on another node. One of each kind is kept per replica.
+    slots: set[tuple[str, int, bool]] = set()
+    old_node: dict[tuple[str, int], str] = {}
     for a in sorted(current, key=lambda a: (a.deployment, a.replica, a.node)):
         w = wants.get(a.deployment)
-        if (w is None or w.blocked or a.replica >= w.d.replicas or a.replica < 0
-                or a.replica in kept[a.deployment]):
+        if w is None or w.blocked or a.replica >= w.d.replicas or a.replica < 0:
+            continue
+        stale = a.generation != w.gen
+        if (a.deployment, a.replica, stale) in slots:
             continue
         gpus = _still_valid(a, w, fleet.get(a.node))
-        if gpus is None and a.generation != w.gen \
-                and a.replica in (held_back or {}).get(a.deployment, ()):
+        if gpus is None and stale and a.replica in (held_back or {}).get(a.deployment, ()):
             gpus = _as_recorded(a, w, fleet.get(a.node))
             if gpus is None:
                 continue
             _take(fleet[a.node], gpus, w, a.memory_bytes)
+            old_node[(a.deployment, a.replica)] = a.node
         elif gpus is None:
             continue
         else:
             _take(fleet[a.node], gpus, w)
+        slots.add((a.deployment, a.replica, stale))
         kept[a.deployment].add(a.replica)
         result.append(a)
 
@@ -180,19 +192,30 @@ def place(deployments: Sequence[DeploymentRecord], nodes: Sequence[NodeRecord],
 
     short: list[_Want] = []
     for name, w in wants.items():
-        placed, reason = _place_missing(w, kept[name], fleet, now, result)
+        missing = [r for r in range(w.d.replicas) if r not in kept[name]]
+        placed, reason = _place_replicas(w, missing, fleet, now, result)
         total = len(kept[name]) + placed
         status[name] = PlacementStatus(name, total, w.d.replicas - total,
                                        [reason] if reason else [], updated_at=now)
         if reason and not w.blocked:
             short.append(w)
+    # Surges come after every missing replica: they add capacity, the others restore it.
+    surge_failed = set()
+    for name, replica in sorted((surge or {}).items()):
+        w = wants.get(name)
+        beside = old_node.get((name, replica))
+        if w is None or beside is None or (name, replica, False) in slots:
+            continue
+        placed, _ = _place_replicas(w, [replica], fleet, now, result, exclude=beside)
+        if not placed:
+            surge_failed.add(name)
     # A shortfall is measured on the fleet as every deployment left it, not as it was when
     # this one was placed: a deployment placed later may have taken what was free then.
     for w in short:
         status[w.d.name].reasons = [_shortfall(w)]
 
     result.sort(key=assignment_key)
-    return Placement(result, dict(sorted(status.items())))
+    return Placement(result, dict(sorted(status.items())), frozenset(surge_failed))
 
 
 def _resolve(d: DeploymentRecord, fleet: Mapping[str, _Node], alive: int,
@@ -329,10 +352,11 @@ def _take(node: _Node, gpus: list[_Gpu], w: _Want, memory: int | None = _OWN) ->
             gpu.whole = True
 
 
-def _place_missing(w: _Want, kept: set[int], fleet: Mapping[str, _Node], now: float,
-                   out: list[AssignmentRecord]) -> tuple[int, str | None]:
-    """Place the replicas of ``w`` not kept; returns how many were placed and why not all."""
-    missing = [r for r in range(w.d.replicas) if r not in kept]
+def _place_replicas(w: _Want, missing: list[int], fleet: Mapping[str, _Node], now: float,
+                    out: list[AssignmentRecord], exclude: str | None = None
+                    ) -> tuple[int, str | None]:
+    """Place these replicas of ``w`` (not on node ``exclude``); returns how many were placed
+    and why not all."""
     if not missing:
         return 0, None
     if w.blocked:
@@ -340,7 +364,7 @@ def _place_missing(w: _Want, kept: set[int], fleet: Mapping[str, _Node], now: fl
     score = _scorer(w)
     # Only this deployment's placements change the fleet while it is placed, and each one
     # changes only its node: a heap of node scores stays exact with one push per replica.
-    heap = [s for n in w.nodes if (s := score(n)) is not None]
+    heap = [s for n in w.nodes if n.name != exclude and (s := score(n)) is not None]
     heapq.heapify(heap)
     for placed, replica in enumerate(missing):
         if not heap:

@@ -42,8 +42,8 @@ from common.store import Event, Reset, StoreError, StoreUnavailable
 from common.store_api import Store
 from scheduler.placer.autoscale import Autoscaler
 from scheduler.placer.election import Deposed, Election, Fence
-from scheduler.placer.placement import place
-from scheduler.placer.rollout import held_back
+from scheduler.placer.placement import Placement, place
+from scheduler.placer.rollout import Rollout, plan_rollout
 
 log = logging.getLogger(__name__)
 
@@ -441,6 +441,12 @@ def placement_audit(keys: Keys, view: FleetView, assignments: Sequence[Assignmen
                 reasons.append(f"node {a.node} drained{moved}")
             elif failed is not None:
                 reasons.append(failed)
+            elif a.generation != generation(d) and key in new and new[key].draining:
+                reasons.append(f"rolling update: replica {a.replica} drains, its successor "
+                               "serves")
+            elif a.generation != generation(d) and key not in new and a.draining:
+                reasons.append(f"rolling update: replica {a.replica} of the old generation "
+                               "removed")
             elif to is not None and to.node == a.node and to.draining != a.draining:
                 reasons.append(f"scaled to {d.replicas}: replica {a.replica} draining"
                                if to.draining else f"replica {a.replica} wanted again "
@@ -452,6 +458,14 @@ def placement_audit(keys: Keys, view: FleetView, assignments: Sequence[Assignmen
                 reasons.append(f"deployment changed: replica {a.replica} replaced"
                                + (f" on {to.node}/gpu{','.join(map(str, to.gpus))}"
                                   if to is not None else ""))
+        if d is not None:
+            stale_on = {(a.replica, a.node) for a in old.values()
+                        if a.generation != generation(d)}
+            for key, a in sorted(new.items()):
+                if key not in old and any(r == a.replica and n != a.node for r, n in stale_on):
+                    reasons.append(
+                        f"rolling update: replica {a.replica} of the new generation placed "
+                        f"on {a.node}/gpu{','.join(map(str, a.gpus))} beside the old one")
         added = sorted(r for r in by_replica if r not in old_replicas)
         if d is not None and old and added:
             reasons.append(f"replica(s) {', '.join(map(str, added))} placed "
@@ -598,17 +612,29 @@ class Placer:
     def _split_draining(self, view: FleetView, wanted: Mapping[str, DeploymentRecord],
                         given_up: set[str], now: float
                         ) -> tuple[list[AssignmentRecord], list[AssignmentRecord]]:
-        """The assignments placement may keep, and the replicas scaled away that drain
-        first: of a deployment that still exists, on a live undrained node, in the current
-        generation, with an index at or above the wanted count, and not finished yet."""
+        """The assignments placement may keep, and the replicas that drain first: of a
+        deployment that still exists, on a live undrained node, not finished yet, and either
+        scaled away (current generation, index at or above the wanted count) or succeeded
+        (an older generation whose successor serves on another node: a rolling update)."""
         current: list[AssignmentRecord] = []
         draining: list[AssignmentRecord] = []
+        # Replicas whose successor of the current generation serves on another node (a
+        # rolling update's surge, rollout.py): the older one drains, then goes.
+        gens = {name: generation(d) for name, d in wanted.items()}
+        succeeded: dict[tuple[str, int], set[str]] = {}
+        for a in view.assignments.values():
+            if a.generation == gens.get(a.deployment) and view.serving(a):
+                succeeded.setdefault((a.deployment, a.replica), set()).add(a.node)
         for key, a in view.assignments.items():
             if key in given_up:
                 continue
             d = wanted.get(a.deployment)
-            if (d is not None and a.replica >= d.replicas and a.node in view.nodes
-                    and a.node not in view.drained and a.generation == generation(d)):
+            alive = a.node in view.nodes and a.node not in view.drained
+            current_gen = a.generation == gens.get(a.deployment)
+            if d is not None and alive and (
+                    (a.replica >= d.replicas and current_gen)
+                    or (a.replica < d.replicas and not current_gen
+                        and succeeded.get((a.deployment, a.replica), set()) - {a.node})):
                 if not self._drain_done(key, a, view, now):
                     draining.append(a if a.draining else dataclasses.replace(a, draining=True))
                 continue
@@ -636,11 +662,17 @@ class Placer:
         current, draining = self._split_draining(view, wanted, self.failures.given_up, now)
         # A changed deployment rolls: its older replicas are replaced one by one while the
         # new ones serve (rollout.py).
-        held = held_back(wanted, current, view.serving)
-        result = place(list(wanted.values()), list(view.nodes.values()),
-                       current, reserved=view.reserved(),
-                       drained=frozenset(view.drained), avoid=self.failures.avoid(now),
-                       now=now, holding=draining, removing=view.removing(), held_back=held)
+        rollout = plan_rollout(wanted, current, view.serving, draining)
+
+        def placing(r: Rollout) -> Placement:
+            return place(list(wanted.values()), list(view.nodes.values()),
+                         current, reserved=view.reserved(),
+                         drained=frozenset(view.drained), avoid=self.failures.avoid(now),
+                         now=now, holding=draining, removing=view.removing(),
+                         held_back=r.held, surge=r.surge)
+        result = placing(rollout)
+        if result.surge_failed:  # no room beside it: that replica is replaced in place
+            result = placing(rollout.in_place(result.surge_failed))
         # A replica wanted again while it drained is kept, and serves again.
         assignments = sorted(
             [dataclasses.replace(a, draining=False) if a.draining else a
