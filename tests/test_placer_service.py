@@ -11,6 +11,7 @@ import time
 
 import pytest
 
+from common.generation import generation
 from common.keys import Keys
 from common.records import (
     AssignmentRecord,
@@ -452,6 +453,40 @@ async def test_a_pass_writes_assignments_and_statuses_and_a_second_writes_nothin
         # A fresh read of what etcd now holds agrees too: nothing to write.
         assert await placer.place_once(await read_view(writer, keys), fence) == Changes([], [])
         assert (await writer.get_prefix(keys.prefix + "/")).revision == revision
+    finally:
+        await writer.revoke_lease(fence.lease)
+
+
+async def test_a_rolling_update_that_failed_to_start_elsewhere_keeps_the_old_replica(
+        prefix: str, writer: EtcdStore) -> None:
+    # One replica on n1, of an older generation, serving; its successor already failed to
+    # start on n2 (avoided there). Replacing the old one in place would risk the only
+    # replica on a generation known to fail: it serves on instead.
+    keys = Keys(prefix)
+    was = deployment("d")
+    now_d = dataclasses.replace(was, env={"V": "2"})
+    old = dataclasses.replace(assignment("d", 0, "n1"), generation=generation(was))
+    ready = dataclasses.replace(backend("n1", "d-0", "ready", deployment="d"),
+                                generation=generation(was))
+    avoided = dataclasses.replace(status("d", 1, 0), avoid={"n2": time.time() + 300},
+                                  strikes={"n2": 1})
+    await writer.put_many([(keys.node("n1"), dump(node("n1"))),
+                           (keys.node("n2"), dump(node("n2"))),
+                           (keys.deployment("d"), dump(now_d)),
+                           (keys.assignment("n1", "d-0"), dump(old)),
+                           (keys.backend("n1", "d-0"), dump(ready)),
+                           (keys.placement("d"), dump(avoided))])
+    fence = await take_fence(writer, keys, "p")
+    try:
+        placer = Placer(writer, keys, "p")
+        await placer.place_once(await read_view(writer, keys), fence)
+        assert await assignments_in(writer, keys) == [old]
+        # The avoid over, the successor is tried beside it on n2 again.
+        await writer.put(keys.placement("d"), dump(status("d", 1, 0)))
+        placer = Placer(writer, keys, "p")
+        await placer.place_once(await read_view(writer, keys), fence)
+        assert sorted((a.node, a.generation) for a in await assignments_in(writer, keys)) == [
+            ("n1", generation(was)), ("n2", generation(now_d))]
     finally:
         await writer.revoke_lease(fence.lease)
 

@@ -671,8 +671,12 @@ class Placer:
                          now=now, holding=draining, removing=view.removing(),
                          held_back=r.held, surge=r.surge)
         result = placing(rollout)
-        if result.surge_failed:  # no room beside it: that replica is replaced in place
-            result = placing(rollout.in_place(result.surge_failed))
+        # No room beside it: that replica is replaced in place. Unless the new generation
+        # already failed to start somewhere (its nodes avoided): the old one serves on.
+        avoided = self.failures.avoid(now)
+        in_place = [n for n in result.surge_failed if not avoided.get(n)]
+        if in_place:
+            result = placing(rollout.in_place(in_place))
         # A replica wanted again while it drained is kept, and serves again.
         assignments = sorted(
             [dataclasses.replace(a, draining=False) if a.draining else a
