@@ -491,6 +491,34 @@ async def test_a_rolling_update_that_failed_to_start_elsewhere_keeps_the_old_rep
         await writer.revoke_lease(fence.lease)
 
 
+async def test_an_old_replica_draining_for_a_successor_that_crashed_serves_again(
+        prefix: str, writer: EtcdStore) -> None:
+    keys = Keys(prefix)
+    was = deployment("d")
+    now_d = dataclasses.replace(was, env={"V": "2"})
+    old = dataclasses.replace(assignment("d", 0, "n1"), generation=generation(was),
+                              draining=True)
+    new = dataclasses.replace(assignment("d", 0, "n2"), generation=generation(now_d))
+    records = [
+        (keys.node("n1"), dump(node("n1"))), (keys.node("n2"), dump(node("n2"))),
+        (keys.deployment("d"), dump(now_d)),
+        (keys.assignment("n1", "d-0"), dump(old)), (keys.assignment("n2", "d-0"), dump(new)),
+        (keys.backend("n1", "d-0"), dump(dataclasses.replace(
+            backend("n1", "d-0", "draining", deployment="d"), generation=generation(was)))),
+        (keys.backend("n2", "d-0"), dump(dataclasses.replace(
+            backend("n2", "d-0", "unhealthy", deployment="d"), generation=generation(now_d))))]
+    await writer.put_many(records)
+    fence = await take_fence(writer, keys, "p")
+    try:
+        await Placer(writer, keys, "p").place_once(await read_view(writer, keys), fence)
+        by_node = {a.node: a for a in await assignments_in(writer, keys)}
+        # The old one is taken back into service; the successor is kept to recover.
+        assert by_node["n1"] == dataclasses.replace(old, draining=False)
+        assert by_node["n2"] == new
+    finally:
+        await writer.revoke_lease(fence.lease)
+
+
 async def test_a_short_deployment_named_first_settles_in_one_pass(
         prefix: str, writer: EtcdStore) -> None:
     keys = Keys(prefix)

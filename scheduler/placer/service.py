@@ -165,10 +165,12 @@ class FleetView:
 
     def serving(self, a: AssignmentRecord) -> bool:
         """Whether ``a``'s backend is ready in ``a``'s generation (not the container of an
-        older one that its agent has yet to replace). An agent that reports no generation
-        (older than this field) is taken at its word."""
+        older one that its agent has yet to replace), or draining: it works and can be
+        taken back (a replica drained for a successor that then crashed). An agent that
+        reports no generation (older than this field) is taken at its word."""
         b = self.backend_of(a)
-        return b is not None and b.state == "ready" and b.generation in (None, a.generation)
+        return b is not None and b.state in ("ready", "draining") \
+            and b.generation in (None, a.generation)
 
 
 def _placement_view(record: Any) -> Any:
