@@ -368,6 +368,8 @@ The cluster keeps running. Look further:
   {ctl_cmd} status         nodes, GPUs, backends, deployments
   {ctl_cmd} deployments    where each replica runs
   {ctl_cmd} scale demo 3   a third replica, on demo-a's second Radeon
+  {ctl_cmd} deploy demo --model demo-model --engine sim --replicas 2 --gpus 1 --env V=2
+                           a rolling update, one replica at a time (aivmmctl audit: each step)
   {ctl_cmd} undeploy demo  the replicas are stopped and their containers removed
   curl http://{SCHEDULER}/v1/models      the models the fleet serves
   http://{SCHEDULER}/                    the scheduler's status page
