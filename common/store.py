@@ -296,9 +296,19 @@ class _Stream:
                 if getattr(t.get_coro(), "__qualname__", "").endswith(self._HELPER)]
             self._before = None
 
-    async def open(self, request: Any) -> None:
-        """Send the first request; by then grpc has started the call and its helper."""
-        await self.call.write(request)
+    async def open(self, request: Any, within: float) -> None:
+        """Send the first request; by then grpc has started the call and its helper.
+
+        Bounded by ``within`` seconds: grpc.aio's first write waits for the call's initial
+        metadata to go out, on an event nothing sets if the call ends first (its channel
+        closed by another caller's failover at that moment), and the call's deadline does
+        not end that wait. A call already ended raises :class:`_Retry`.
+        """
+        try:
+            async with asyncio.timeout(within):
+                await self.call.write(request)
+        except asyncio.InvalidStateError as err:  # ended before it was opened
+            raise _Retry(f"stream ended before it opened: {err}") from None
         self._note_helpers()
 
     async def end(self) -> None:
@@ -497,9 +507,10 @@ class EtcdStore:
             # end the stream by itself once it has answered.
             stream = _Stream(conn.lease.LeaseKeepAlive, timeout=self._timeout)
             try:
-                await stream.open(req)
-                await stream.call.done_writing()
-                resp = await stream.call.read()
+                async with asyncio.timeout(self._timeout):
+                    await stream.open(req, self._timeout)
+                    await stream.call.done_writing()
+                    resp = await stream.call.read()
             finally:
                 await stream.end()
             if resp is grpc.aio.EOF:
@@ -724,7 +735,7 @@ class EtcdStore:
             stream = _Stream(conn.watch.Watch)
             try:
                 async with asyncio.timeout(self._timeout):
-                    await stream.open(create)
+                    await stream.open(create, self._timeout)
                     first = await stream.call.read()
                 if first is grpc.aio.EOF:
                     raise _Retry("watch stream ended before it was created")

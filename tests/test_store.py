@@ -326,6 +326,22 @@ async def test_endpoint_dying_mid_life_fails_over_once_for_concurrent_calls(
         assert s.connected
 
 
+async def test_a_keep_alive_whose_channel_another_call_replaces_retries_instead_of_hanging(
+        etcd_server: EtcdServer) -> None:
+    # grpc.aio's first write on a stream waits for the call's initial metadata to go out;
+    # when another caller's failover closed the channel at that moment, nothing ever woke
+    # it (the call's deadline does not): an agent's heartbeat hung for good, its lease ran
+    # out and its node left etcd while the agent kept running.
+    async with EtcdStore([etcd_server.url], timeout=2.0) as s:
+        lease = await s.grant_lease(30)
+        refresh = asyncio.create_task(s.keep_alive(lease))
+        await asyncio.sleep(0)  # the keep-alive now waits for its stream to open
+        await s._failover(s._current())  # what a failing concurrent call does
+        async with asyncio.timeout(10):  # a hang fails the test instead of stalling it
+            assert await refresh > 0
+        assert s.connected
+
+
 async def test_close_ends_a_running_view_with_store_closed(
         etcd_server: EtcdServer, prefix: str) -> None:
     s = EtcdStore([etcd_server.url])
