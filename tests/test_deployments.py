@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import random
 import signal
 import time
@@ -346,16 +347,22 @@ async def test_an_agent_restart_under_steady_load_fails_no_request(fleet: Deploy
     assert not failures, f"{len(failures)} of {len(outcomes)} failed: {failures[:3]}"
 
 
-async def test_a_changed_deployment_rolls_one_replica_at_a_time_under_load(
-        fleet: DeployFleet) -> None:
-    fleet.start_agent("a")  # two GPUs: both replicas on one node, no spare capacity
-    sched = fleet.start_scheduler()
-    flags = ["--model", "roll-m", "--engine", "sim", "--replicas", "2", "--gpus", "1"]
-    await fleet.ctl("deploy", "roll", *flags)
-    await fleet.ready("roll", 2)
-    old = {a.generation for a in (await fleet.read())[0] if a.deployment == "roll"}
-    outcomes: list[str] = []
-    serving: list[int] = []  # replicas ready, sampled through the update
+@dataclasses.dataclass
+class Watched:
+    """Steady load through a scheduler, and the deployment's ready replicas sampled."""
+
+    outcomes: list[str] = dataclasses.field(default_factory=list)
+    serving: list[int] = dataclasses.field(default_factory=list)
+
+    def failures(self) -> list[str]:
+        return [o for o in self.outcomes if o != "ok"]
+
+
+@contextlib.asynccontextmanager
+async def loaded_and_watched(fleet: DeployFleet, sched: SchedulerProcess, deployment: str,
+                             model: str) -> AsyncIterator[Watched]:
+    """Chat requests one after another, and every 50 ms how many replicas are ready."""
+    w = Watched()
     stop = asyncio.Event()
 
     async def load() -> None:
@@ -363,19 +370,43 @@ async def test_a_changed_deployment_rolls_one_replica_at_a_time_under_load(
             while not stop.is_set():
                 try:
                     await c.chat.completions.create(
-                        model="roll-m", messages=[{"role": "user", "content": "x"}],
+                        model=model, messages=[{"role": "user", "content": "x"}],
                         max_tokens=2)
-                    outcomes.append("ok")
+                    w.outcomes.append("ok")
                 except openai.APIError as err:
-                    outcomes.append(f"{type(err).__name__}: {err}")
+                    w.outcomes.append(f"{type(err).__name__}: {err}")
                 await asyncio.sleep(0.02)
 
     async def sample() -> None:
         while not stop.is_set():
             _, backends, _ = await fleet.read()
-            serving.append(sum(b.deployment == "roll" and b.state == "ready"
-                               for b in backends))
+            w.serving.append(sum(b.deployment == deployment and b.state == "ready"
+                                 for b in backends))
             await asyncio.sleep(0.05)
+
+    tasks = [asyncio.create_task(load(), name="load"), asyncio.create_task(sample())]
+    try:
+        await until(lambda: len(w.outcomes) >= 20, 20, "load flowing")
+        yield w
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks)
+
+
+async def place_steps(fleet: DeployFleet, deployment: str) -> list[str]:
+    """The placer's trail entries of ``deployment``, oldest first."""
+    trail = orjson.loads(await fleet.ctl("audit", "--target", deployment, "--json"))["entries"]
+    return [e["detail"] for e in sorted(trail, key=lambda e: e["time"]) if e["verb"] == "place"]
+
+
+async def test_a_changed_deployment_rolls_one_replica_at_a_time_under_load(
+        fleet: DeployFleet) -> None:
+    fleet.start_agent("a")  # two GPUs: both replicas on one node, no room for a surge
+    sched = fleet.start_scheduler()
+    flags = ["--model", "roll-m", "--engine", "sim", "--replicas", "2", "--gpus", "1"]
+    await fleet.ctl("deploy", "roll", *flags)
+    await fleet.ready("roll", 2)
+    old = {a.generation for a in (await fleet.read())[0] if a.deployment == "roll"}
 
     async def rolled() -> bool:
         assigned, backends, _ = await fleet.read()
@@ -384,22 +415,14 @@ async def test_a_changed_deployment_rolls_one_replica_at_a_time_under_load(
         return len(gens) == 1 and gens != old and len(ready) == 2 \
             and {b.generation for b in ready} == gens
 
-    tasks = [asyncio.create_task(load(), name="load"), asyncio.create_task(sample())]
-    try:
-        await until(lambda: len(outcomes) >= 20, 20, "load flowing")
+    async with loaded_and_watched(fleet, sched, "roll", "roll-m") as watched:
         await fleet.ctl("deploy", "roll", *flags, "--env", "ROLL=2")  # a new generation
         await until(rolled, 60, "both replicas on the new generation")
-    finally:
-        stop.set()
-        await asyncio.gather(*tasks)
     # Never both replaced at once: one replica served throughout, so no request failed.
-    assert serving and min(serving) >= 1, serving
-    failures = [o for o in outcomes if o != "ok"]
-    assert not failures, f"{len(failures)} of {len(outcomes)} failed: {failures[:3]}"
+    assert watched.serving and min(watched.serving) >= 1, watched.serving
+    assert not watched.failures(), watched.failures()[:3]
     # The trail says so: one replica replaced per placement, in replica order.
-    trail = orjson.loads(await fleet.ctl("audit", "--target", "roll", "--json"))["entries"]
-    changed = [e["detail"] for e in sorted(trail, key=lambda e: e["time"])
-               if e["verb"] == "place" and "deployment changed" in e["detail"]]
+    changed = [d for d in await place_steps(fleet, "roll") if "deployment changed" in d]
     assert [d.split(": ", 1)[1].split(" on ")[0] for d in changed] == [
         "replica 0 replaced", "replica 1 replaced"], changed
 
@@ -413,28 +436,6 @@ async def test_a_one_replica_deployment_updates_with_no_gap_through_a_surge(
     flags = ["--model", "solo-m", "--engine", "sim", "--replicas", "1", "--gpus", "1"]
     await fleet.ctl("deploy", "solo", *flags)
     [first] = await fleet.ready("solo", 1)
-    outcomes: list[str] = []
-    serving: list[int] = []
-    stop = asyncio.Event()
-
-    async def load() -> None:
-        async with client(sched) as c:
-            while not stop.is_set():
-                try:
-                    await c.chat.completions.create(
-                        model="solo-m", messages=[{"role": "user", "content": "x"}],
-                        max_tokens=2)
-                    outcomes.append("ok")
-                except openai.APIError as err:
-                    outcomes.append(f"{type(err).__name__}: {err}")
-                await asyncio.sleep(0.02)
-
-    async def sample() -> None:
-        while not stop.is_set():
-            _, backends, _ = await fleet.read()
-            serving.append(sum(b.deployment == "solo" and b.state == "ready"
-                               for b in backends))
-            await asyncio.sleep(0.05)
 
     async def replaced() -> BackendRecord | None:
         assigned, backends, _ = await fleet.read()
@@ -446,21 +447,13 @@ async def test_a_one_replica_deployment_updates_with_no_gap_through_a_surge(
             return ready[0]
         return None
 
-    tasks = [asyncio.create_task(load(), name="load"), asyncio.create_task(sample())]
-    try:
-        await until(lambda: len(outcomes) >= 20, 20, "load flowing")
+    async with loaded_and_watched(fleet, sched, "solo", "solo-m") as watched:
         await fleet.ctl("deploy", "solo", *flags, "--env", "SOLO=2")  # a new generation
         await until(replaced, 60, "the successor serving on the other node, the old gone")
-    finally:
-        stop.set()
-        await asyncio.gather(*tasks)
     # The old replica served until its successor did, then drained: never none serving.
-    assert serving and min(serving) >= 1, serving
-    failures = [o for o in outcomes if o != "ok"]
-    assert not failures, f"{len(failures)} of {len(outcomes)} failed: {failures[:3]}"
-    trail = orjson.loads(await fleet.ctl("audit", "--target", "solo", "--json"))["entries"]
-    steps = " | ".join(e["detail"] for e in sorted(trail, key=lambda e: e["time"])
-                       if e["verb"] == "place")
+    assert watched.serving and min(watched.serving) >= 1, watched.serving
+    assert not watched.failures(), watched.failures()[:3]
+    steps = " | ".join(await place_steps(fleet, "solo"))
     for step in ("replica 0 of the new generation placed on", "beside the old one",
                  "replica 0 drains, its successor serves",
                  "replica 0 of the old generation removed"):

@@ -303,17 +303,25 @@ def _still_valid(a: AssignmentRecord, w: _Want, node: _Node | None) -> list[_Gpu
         return None
     if len(a.gpus) != (1 if w.mode == "memory" else d.gpus):
         return None
+    gpus = _gpus_of(a, node)
+    if gpus is None:
+        return None
+    if w.mode == "memory":
+        mem = d.memory_bytes
+        assert mem is not None
+        return gpus if a.memory_bytes == mem and gpus[0].avail() >= mem else None
+    return gpus if a.memory_bytes is None and all(g.wholly_free() for g in gpus) else None
+
+
+def _gpus_of(a: AssignmentRecord, node: _Node) -> list[_Gpu] | None:
+    """The node's GPUs ``a`` names, if each is still there with the same uuid and vendor."""
     gpus = []
     for index, uuid in zip(a.gpus, a.gpu_uuids, strict=True):
         gpu = node.gpus.get(index)
         if gpu is None or gpu.record.uuid != uuid or gpu.record.vendor != a.vendor:
             return None
         gpus.append(gpu)
-    if w.mode == "memory":
-        mem = d.memory_bytes
-        assert mem is not None
-        return gpus if a.memory_bytes == mem and gpus[0].avail() >= mem else None
-    return gpus if a.memory_bytes is None and all(g.wholly_free() for g in gpus) else None
+    return gpus
 
 
 def _as_recorded(a: AssignmentRecord, w: _Want, node: _Node | None) -> list[_Gpu] | None:
@@ -323,12 +331,9 @@ def _as_recorded(a: AssignmentRecord, w: _Want, node: _Node | None) -> list[_Gpu
         return None
     if len(a.gpu_uuids) != len(a.gpus) or len(set(a.gpus)) != len(a.gpus):
         return None
-    gpus = []
-    for index, uuid in zip(a.gpus, a.gpu_uuids, strict=True):
-        gpu = node.gpus.get(index)
-        if gpu is None or gpu.record.uuid != uuid or gpu.record.vendor != a.vendor:
-            return None
-        gpus.append(gpu)
+    gpus = _gpus_of(a, node)
+    if gpus is None:
+        return None
     if a.memory_bytes is not None:
         return gpus if len(gpus) == 1 and gpus[0].avail() >= a.memory_bytes else None
     return gpus if all(g.wholly_free() for g in gpus) else None
