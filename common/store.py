@@ -299,14 +299,33 @@ class _Stream:
     async def open(self, request: Any, within: float) -> None:
         """Send the first request; by then grpc has started the call and its helper.
 
-        Bounded by ``within`` seconds: grpc.aio's first write waits for the call's initial
-        metadata to go out, on an event nothing sets if the call ends first (its channel
-        closed by another caller's failover at that moment), and the call's deadline does
-        not end that wait. A call already ended raises :class:`_Retry`.
+        grpc.aio's first write waits for the call's initial metadata to go out, on an event
+        nothing sets if the call ends first (its channel closed by another caller's failover
+        at that moment), and the call's deadline does not end that wait. So the write is
+        raced against the call's end (then :class:`_Retry`, at once) and bounded by
+        ``within`` seconds (then TimeoutError).
         """
+        ended: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        def on_end(_: object) -> None:
+            if not ended.done():
+                ended.set_result(None)
+        self.call.add_done_callback(on_end)
+        write = asyncio.ensure_future(self.call.write(request))
         try:
-            async with asyncio.timeout(within):
-                await self.call.write(request)
+            await asyncio.wait({write, ended}, timeout=within,
+                               return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            ended.cancel()
+            if not write.done():
+                write.cancel()
+                await asyncio.gather(write, return_exceptions=True)
+        if not write.done() or write.cancelled():
+            if self.call.done():
+                raise _Retry("stream ended before it opened")
+            raise TimeoutError(f"stream not open after {within:g}s")
+        try:
+            write.result()
         except asyncio.InvalidStateError as err:  # ended before it was opened
             raise _Retry(f"stream ended before it opened: {err}") from None
         self._note_helpers()
